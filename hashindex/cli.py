@@ -1,0 +1,231 @@
+"""``hashindex`` command line: every subcommand is a thin layer over the Python API.
+
+User errors print one line ``hashindex: error: …`` and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+
+from .errors import HashindexError
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="efficientnet-lite0", help="backbone name (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=64, help="input resolution in pixels (default: %(default)s)")
+    p.add_argument("--weights", help="local weights file for torchvision backbones (never downloaded)")
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hashindex", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an encoder on a source's images")
+    p.add_argument("--method", required=True, help="hashing method, e.g. itq, lsh")
+    p.add_argument("--bits", type=int, default=32, help="code length, a multiple of 8 (default: %(default)s)")
+    p.add_argument("--source", required=True, help="folder, list file, IDX folder, CIFAR folder, 'digits', 'fashion-mnist'")
+    p.add_argument("--root", help="folder that a list file's paths are relative to")
+    p.add_argument("--sample", type=int, help="train on this many randomly drawn images (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="feature cache folder (default: $HASHINDEX_CACHE or ~/.cache/hashindex)")
+    p.add_argument("--out", required=True, help="encoder file to write")
+    _add_backbone_args(p)
+    _add_cluster_args(p)
+
+    p = sub.add_parser("encode", help="encode a source into a Zarr index with Dask")
+    p.add_argument("--encoder", required=True, help="encoder file")
+    p.add_argument("--source", required=True)
+    p.add_argument("--root", help="folder that a list file's paths are relative to")
+    p.add_argument("--out", required=True, help="index folder or fsspec URL")
+    p.add_argument("--chunk-rows", type=int, help="images per task and Zarr chunk (default: 4096, fewer for small sources)")
+    _add_cluster_args(p)
+
+    p = sub.add_parser("query", help="search an index")
+    p.add_argument("index")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", nargs="+", metavar="PATH", help="image files, encoded with the index's encoder")
+    what.add_argument("--code", nargs="+", metavar="HEX", help="codes as hex strings of bits/4 digits")
+    what.add_argument("--id", nargs="+", metavar="ID", help="ids of images in the index")
+    p.add_argument("-k", type=int, default=10, help="number of neighbours (default: %(default)s)")
+    p.add_argument("--radius", type=int, help="return every row within this Hamming distance instead of k")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("info", help="describe an index")
+    p.add_argument("index")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("eval", help="retrieval quality of query codes against a database index (both labelled)")
+    p.add_argument("index", help="database index")
+    p.add_argument("queries", help="index holding the query codes and labels")
+    p.add_argument("--topk", type=int, default=1000, help="k of mAP@k besides mAP@all (default: %(default)s)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args) or 0
+    except HashindexError as exc:
+        print(f"hashindex: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("hashindex: interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------- commands
+def _train(args) -> None:
+    from .backbones import BackboneSpec
+    from .build import train_encoder
+    from .sources import open_source
+
+    source = open_source(args.source, root=args.root)
+    if args.sample:
+        if args.sample > len(source):
+            raise HashindexError(f"--sample {args.sample} is more than the {len(source)} images of {args.source}")
+        rows = np.sort(np.random.default_rng(args.seed).choice(len(source), args.sample, replace=False))
+        source = source.subset(rows)
+    spec = BackboneSpec(args.backbone, args.image_size, args.weights)
+    started = time.perf_counter()
+    encoder = train_encoder(source, args.method, args.bits, backbone=spec, seed=args.seed,
+                            cache_dir=args.cache_dir, scheduler=args.scheduler, n_workers=args.workers)
+    encoder.save(args.out)
+    print(f"{encoder} trained on {encoder.training['images']:,} images in {time.perf_counter() - started:.1f} s "
+          f"→ {args.out}")
+
+
+def _encode(args) -> None:
+    from .build import encode
+    from .encoder import Encoder
+    from .sources import open_source
+
+    encoder = Encoder.load(args.encoder)
+    source = open_source(args.source, root=args.root)
+    started = time.perf_counter()
+    index = encode(source, encoder, args.out, chunk_rows=args.chunk_rows, scheduler=args.scheduler,
+                   n_workers=args.workers)
+    print(f"{index.attrs['valid']:,} images encoded, {index.attrs['rejected']:,} rejected, "
+          f"in {time.perf_counter() - started:.1f} s → {args.out} (version {index.version})")
+    for image_id, reason in index.rejects[:20]:
+        print(f"  rejected {image_id}: {reason}")
+    if len(index.rejects) > 20:
+        print(f"  … and {len(index.rejects) - 20} more (hashindex info {args.out} --json)")
+
+
+def parse_hex_codes(codes: list[str], bits: int) -> np.ndarray:
+    """Hex strings → packed uint8 codes, each exactly ``bits`` long."""
+    out = []
+    for text in codes:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise HashindexError(f"code {text!r} is not hexadecimal") from None
+        if len(raw) * 8 != bits:
+            raise HashindexError(f"code {text!r} has {len(raw) * 8} bits, the index has {bits} "
+                                 f"({bits // 4} hex digits)")
+        out.append(np.frombuffer(raw, dtype=np.uint8))
+    return np.stack(out)
+
+
+def _query(args) -> None:
+    from .build import encode_images
+    from .index import open as open_index
+
+    if args.radius is None and args.k <= 0:
+        raise HashindexError(f"-k must be at least 1, got {args.k}")
+    if args.radius is not None and args.radius < 0:
+        raise HashindexError(f"--radius must be 0 or more, got {args.radius}")
+    index = open_index(args.index)
+    if args.code:
+        names, codes = args.code, parse_hex_codes(args.code, index.bits)
+    elif args.id:
+        names, codes = args.id, index.codes[index.rows_of(args.id)]
+    else:
+        if index.encoder is None:
+            raise HashindexError(f"{args.index}: this index holds no encoder; query it with --code or --id")
+        names, codes = args.image, encode_images(index.encoder, args.image)
+    if args.radius is not None:
+        lims, dist, rows = index.radius_search(codes, args.radius)
+        results = [(dist[lims[q]:lims[q + 1]], rows[lims[q]:lims[q + 1]]) for q in range(len(codes))]
+    else:
+        dist, rows = index.search(codes, args.k)
+        results = [(dist[q][rows[q] >= 0], rows[q][rows[q] >= 0]) for q in range(len(codes))]
+    ids = index.ids
+    report = [{"query": name, "code": code.tobytes().hex(),
+               "results": [{"rank": r + 1, "distance": int(d), "id": ids[i], "row": int(i)}
+                           for r, (d, i) in enumerate(zip(dq, rq))]}
+              for name, code, (dq, rq) in zip(names, codes, results)]
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    for item in report:
+        print(f"query {item['query']} (code {item['code']}): {len(item['results'])} results")
+        for hit in item["results"]:
+            print(f"  {hit['rank']:>4}  d={hit['distance']:<4} {hit['id']}")
+
+
+def _info(args) -> None:
+    from .index import open as open_index
+
+    index = open_index(args.index)
+    info = index.info()
+    rejects = index.rejects
+    if args.json:
+        print(json.dumps({**info, "rejects": [{"id": i, "reason": r} for i, r in rejects]}, indent=1, default=str))
+        return
+    config = info.get("encoder_config") or {}
+    backbone = config.get("backbone") or {}
+    print(f"index     {info['path']}  (version {info['version']})")
+    print(f"rows      {info['rows']:,}  searchable {info['searchable']:,}  rejected {len(rejects):,}")
+    print(f"bits      {info['bits']}")
+    if config:
+        print(f"encoder   {info.get('encoder_id')}  method {config.get('method')}  backbone "
+              f"{backbone.get('name')} @ {backbone.get('image_size')} px")
+    print(f"source    {info.get('source', '?')}")
+    print(f"created   {info.get('created')}  finished {info.get('finished')}")
+
+
+def _eval(args) -> None:
+    from . import metrics
+    from .index import open as open_index
+
+    database, queries = open_index(args.index), open_index(args.queries)
+    for name, idx in (("database", database), ("queries", queries)):
+        if idx.labels is None:
+            raise HashindexError(f"{idx.path}: the {name} index has no labels to evaluate with")
+    if database.bits != queries.bits:
+        raise HashindexError(f"the query index has {queries.bits}-bit codes, the database {database.bits}")
+    qv, dv = queries.valid, database.valid
+    result = metrics.evaluate(queries.codes[qv], database.codes[dv], queries.labels[qv], database.labels[dv],
+                              topks=(None, args.topk))
+    summary = {"queries": int(qv.sum()), "database": int(dv.sum()), "bits": database.bits,
+               "map@all": result["map@all"], f"map@{args.topk}": result[f"map@{args.topk}"],
+               "precision@r2": result["precision@r2"]}
+    if args.json:
+        print(json.dumps({**summary, "precision@n": result["precision@n"]}, indent=1, default=float))
+    else:
+        for key, value in summary.items():
+            print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+
+
+COMMANDS = {"train": _train, "encode": _encode, "query": _query, "info": _info, "eval": _eval}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The encoder artifact: backbone spec + a trained hash head + config, saved as one safetensors file.
+
+Loading needs no training state: the config names the head type registered in :data:`HEADS` and its
+constructor arguments; the tensors fill it. The encoder id is a content hash of what the encoder
+computes (backbone, preprocessing, head, weights), so two encoders with equal ids give equal codes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .errors import HashindexError
+from .backbones import Backbone, BackboneSpec, default_device, load_backbone
+
+ENCODER_FORMAT_VERSION = 1
+HEADS: dict[str, type[nn.Module]] = {}
+
+
+class EncoderError(HashindexError):
+    """An encoder file that cannot be read or does not fit its use."""
+
+
+def register_head(name: str):
+    """Register a head class by name; its ``__init__`` kwargs are stored in the encoder config."""
+    def wrap(cls):
+        cls.head_type = name
+        HEADS[name] = cls
+        return cls
+    return wrap
+
+
+@register_head("linear")
+class LinearHead(nn.Module):
+    """``z = x W + b``; bit = ``z >= 0``. ITQ, LSH and PCA-style projections are all this."""
+
+    def __init__(self, in_dim: int, bits: int):
+        super().__init__()
+        self.kwargs = {"in_dim": in_dim, "bits": bits}
+        self.weight = nn.Parameter(torch.zeros(in_dim, bits, dtype=torch.float64), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(bits, dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float64: projections near 0 must not flip with batch composition or BLAS blocking
+        return x.to(torch.float64) @ self.weight + self.bias
+
+
+def pack_signs(z: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Real-valued codes → packed uint8 bits, numpy.packbits order, bit 1 ⇔ z >= 0 (sign(0) = +1)."""
+    if isinstance(z, torch.Tensor):
+        z = z.detach().cpu().numpy()
+    return np.packbits(z >= 0, axis=1)
+
+
+class Encoder:
+    """Maps images (or their backbone features) to packed binary codes, one image at a time."""
+
+    def __init__(self, *, method: str, bits: int, backbone: BackboneSpec, head: nn.Module,
+                 training: dict[str, Any] | None = None):
+        if bits % 8:
+            raise EncoderError(f"bits must be a multiple of 8, got {bits}")
+        self.method, self.bits, self.backbone_spec = method, int(bits), backbone
+        self.head = head.eval()
+        self.training = training or {}
+        self._backbone: Backbone | None = None
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return {
+            "format_version": ENCODER_FORMAT_VERSION,
+            "method": self.method,
+            "bits": self.bits,
+            "backbone": self.backbone_spec.to_dict(),
+            "head": {"type": self.head.head_type, "kwargs": self.head.kwargs},
+        }
+
+    @property
+    def id(self) -> str:
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for name, tensor in sorted(self.head.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # -- encoding ------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.backbone_spec, device=default_device())
+            self.head.to(self._backbone.device)
+        return self._backbone
+
+    @torch.inference_mode()
+    def encode_features(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Backbone features ``[n, d]`` → packed codes uint8 ``[n, bits/8]``."""
+        x = torch.as_tensor(features)
+        device = next(self.head.parameters(), torch.empty(0)).device
+        return pack_signs(self.head(x.to(device).float()))
+
+    def encode_pixels(self, pixels, batch_size: int = 256) -> np.ndarray:
+        """Decoded RGB images (array ``[n, H, W, 3]`` or list of arrays) → packed codes."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.bits // 8), np.uint8)
+        return self.encode_features(self.backbone.features(pixels, batch_size=batch_size))
+
+    # -- persistence ---------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        meta = {"config": self.config, "id": self.id, "training": self.training,
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        return st_save(tensors, metadata={"hashindex_encoder": json.dumps(meta, default=str)})
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the encoder file atomically (temp file + rename)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(self.to_bytes())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "encoder") -> "Encoder":
+        from . import methods  # noqa: F401 - registers every method's head type
+
+        try:
+            tensors = st_load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["hashindex_encoder"])
+        except Exception as exc:  # noqa: BLE001 - any parse failure: not an encoder file
+            raise EncoderError(f"{name}: not a hashindex encoder file ({type(exc).__name__}: {exc})") from None
+        config = meta["config"]
+        if config.get("format_version", 0) > ENCODER_FORMAT_VERSION:
+            raise EncoderError(f"{name}: encoder format version {config['format_version']} is newer than "
+                               f"this hashindex supports ({ENCODER_FORMAT_VERSION}); upgrade hashindex")
+        head_type = config["head"]["type"]
+        if head_type not in HEADS:
+            raise EncoderError(f"{name}: unknown head type {head_type!r}")
+        head = HEADS[head_type](**config["head"]["kwargs"])
+        head.load_state_dict(tensors)
+        enc = cls(method=config["method"], bits=config["bits"], backbone=BackboneSpec(**config["backbone"]),
+                  head=head, training=meta.get("training"))
+        if enc.id != meta["id"]:
+            raise EncoderError(f"{name}: content does not match its id {meta['id']} (corrupted file?)")
+        return enc
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Encoder":
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise EncoderError(f"{path}: cannot read encoder ({exc.strerror})") from None
+        return cls.from_bytes(data, name=path)
+
+    def __repr__(self) -> str:
+        return (f"Encoder(method={self.method!r}, bits={self.bits}, backbone={self.backbone_spec.name!r}@"
+                f"{self.backbone_spec.image_size}px, id={self.id})")

@@ -1,0 +1,142 @@
+"""Reading an index: :func:`open` → :class:`Index`, searched like a faiss binary index."""
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+
+import numpy as np
+
+from . import store
+from .encoder import Encoder
+from .search import LinearScan
+from .store import StoreError
+
+
+class Index:
+    """One published version of an index, loaded for search.
+
+    Holds the packed codes of the valid rows in memory (and nothing bigger): ``search`` and
+    ``radius_search`` return row positions in the stored arrays, so ``index.ids[I]`` names the images.
+    """
+
+    def __init__(self, path: str, group, version: str | None):
+        self.path, self.version, self._group = path, version, group
+        self.attrs = group.attrs.asdict()
+        self.bits = int(self.attrs["bits"])
+
+    # -- arrays --------------------------------------------------------------------------------
+    @cached_property
+    def codes(self) -> np.ndarray:
+        """Packed codes of every row, uint8 ``[N, bits/8]`` (rejected rows are zeros)."""
+        return self._group["codes"][:]
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return np.asarray(self._group["ids"][:], dtype=object)
+
+    @cached_property
+    def valid(self) -> np.ndarray:
+        return self._group["valid"][:]
+
+    @cached_property
+    def labels(self) -> np.ndarray | None:
+        return self._group["labels"][:] if "labels" in self._group else None
+
+    @property
+    def ntotal(self) -> int:
+        """Number of searchable rows."""
+        return int(self._valid_rows.size)
+
+    def __len__(self) -> int:
+        return int(self.attrs["count"])
+
+    @cached_property
+    def _valid_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.valid).astype(np.int64)
+
+    @property
+    def rejects(self) -> list[tuple[str, str]]:
+        rows = np.flatnonzero(~self.valid)
+        reasons = self._group["reason"][:]
+        return [(self.ids[r], str(reasons[r])) for r in rows]
+
+    @cached_property
+    def encoder(self) -> Encoder | None:
+        if "encoder" not in self._group:
+            return None
+        return Encoder.from_bytes(self._group["encoder"][:].tobytes(), name=f"{self.path} (stored encoder)")
+
+    # -- search --------------------------------------------------------------------------------
+    @cached_property
+    def _searcher(self) -> LinearScan:
+        return LinearScan(np.ascontiguousarray(self.codes[self._valid_rows]))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest rows by Hamming distance: ``(D int32 [Q, k], I int64 [Q, k])``, ties by row position.
+
+        Missing results (k larger than the index) are ``I = -1``.
+        """
+        distances, local = self._searcher.search(queries, k)
+        return distances, self._to_rows(local)
+
+    def radius_search(self, queries: np.ndarray, radius: int):
+        """All rows within Hamming distance ``<= radius``: ``(lims, D, I)`` as faiss's range_search."""
+        lims, distances, local = self._searcher.radius_search(queries, radius)
+        return lims, distances, self._to_rows(local)
+
+    def _to_rows(self, local: np.ndarray) -> np.ndarray:
+        rows = np.full(local.shape, -1, dtype=np.int64)
+        found = local >= 0
+        rows[found] = self._valid_rows[local[found]]
+        return rows
+
+    def rows_of(self, ids) -> np.ndarray:
+        """Row positions of the given ids; an unknown id is an error naming it."""
+        position = {name: row for row, name in enumerate(self.ids)}
+        missing = [i for i in ids if i not in position]
+        if missing:
+            raise StoreError(f"{self.path}: unknown id {missing[0]!r}" +
+                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return np.array([position[i] for i in ids], dtype=np.int64)
+
+    def info(self) -> dict:
+        return {"path": self.path, "version": self.version, "bits": self.bits, "rows": len(self),
+                "searchable": self.ntotal, **{k: v for k, v in self.attrs.items() if k not in ("bits",)}}
+
+    def __repr__(self) -> str:
+        return f"Index({self.path!r}, version={self.version!r}, bits={self.bits}, rows={len(self):,})"
+
+
+def open(path: str) -> Index:  # noqa: A001 - the public name, like zarr.open
+    """Open the published version of the index at ``path`` (a folder or fsspec URL)."""
+    group, version = store.open_group(str(path))
+    return Index(str(path), group, version)
+
+
+def write_index(path: str, codes: np.ndarray, ids=None, *, labels: np.ndarray | None = None,
+                encoder: Encoder | None = None, chunk_rows: int = 65536) -> Index:
+    """Publish codes computed elsewhere as a new version of the index at ``path``."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 or codes.ndim != 2:
+        raise TypeError(f"codes must be a uint8 array [n, bits/8], got {codes.dtype} with shape {codes.shape}")
+    n = len(codes)
+    ids = np.array([str(i) for i in range(n)] if ids is None else [str(i) for i in ids], dtype=object)
+    if len(ids) != n:
+        raise ValueError(f"ids has {len(ids)} entries for {n} codes")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} rows for {n} codes")
+    from .pipeline import build_key  # one home for build keys
+    key = build_key("codes", hashlib.sha256(np.ascontiguousarray(codes)).hexdigest(), ids.tolist(), store._now())
+    version = f"v-{key}"
+    attrs = {"bits": codes.shape[1] * 8, "build_key": key, "source": "write_index"}
+    if encoder is not None:
+        attrs.update(encoder_id=encoder.id, encoder_config=encoder.config)
+    group = store.create_version(f"{str(path).rstrip('/')}/{version}", ids=ids, chunk_rows=chunk_rows,
+                                 output=("codes", codes.shape[1], "uint8"), labels=labels,
+                                 encoder_bytes=None if encoder is None else encoder.to_bytes(), attrs=attrs)
+    group["codes"][:] = codes
+    group["valid"][:] = True
+    group["chunk_done"][:] = 1
+    store.finish_version(group)
+    store.write_pointer(str(path), version)
+    return open(path)

@@ -1,0 +1,68 @@
+"""The one interface every hashing method implements (scikit-learn style: params in __init__, fit returns)."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from torch import nn
+
+from ..errors import HashindexError
+
+METHODS: dict[str, type["HashMethod"]] = {}
+
+
+class MethodError(HashindexError):
+    """Bad method name, parameters or training data."""
+
+
+def register_method(name: str):
+    def wrap(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return wrap
+
+
+def create_method(name: str, bits: int, **params) -> "HashMethod":
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name](bits=bits, **params)
+
+
+class HashMethod:
+    """Base class: ``fit(features, labels=None) -> head``; the head maps features to real values whose
+    signs are the bits. Subclasses implement :meth:`_fit`.
+
+    Parameters
+    ----------
+    bits : int
+        Code length, a multiple of 8.
+    seed : int, default 0
+        Seeds every random choice, so training is repeatable.
+    """
+
+    name: ClassVar[str] = "base"
+    needs_labels: ClassVar[bool] = False
+    profile: str = "paper"
+
+    def __init__(self, bits: int, *, seed: int = 0):
+        self.bits, self.seed = int(bits), int(seed)
+
+    def fit(self, features: np.ndarray, labels: np.ndarray | None = None) -> nn.Module:
+        if self.bits <= 0 or self.bits % 8:
+            raise MethodError(f"{self.name}: bits must be a positive multiple of 8, got {self.bits}")
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or len(features) < 2:
+            raise MethodError(f"{self.name}: need a 2-D array of at least 2 training features, got shape {features.shape}")
+        if not np.isfinite(features).all():
+            raise MethodError(f"{self.name}: training features contain NaN or infinity")
+        if self.needs_labels and labels is None:
+            raise MethodError(f"{self.name} is supervised: the training source has no labels")
+        self.head_ = self._fit(features, labels)
+        return self.head_
+
+    def _fit(self, features: np.ndarray, labels: np.ndarray | None) -> nn.Module:
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return {"bits": self.bits, "seed": self.seed, "profile": self.profile}

@@ -1,0 +1,413 @@
+"""Where images come from: folders, list files, Fashion-MNIST IDX, CIFAR-10 batches, sklearn digits.
+
+A :class:`Source` knows its rows (ids, labels, split) up front and hands out small picklable
+*readers* for any set of rows, so a Dask task ships only its own chunk's file names, never the
+whole collection. Reading never raises for a bad image: the row is marked not-ok with a reason.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+
+from .errors import HashindexError
+from .images import IMAGE_EXTENSIONS, ImageError, decode_image
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class SourceError(HashindexError):
+    """A source that cannot be opened or parsed; the message names the input and the problem."""
+
+
+@dataclass
+class Decoded:
+    """Pixels of the rows that decoded (row order), plus a per-row ok flag and reject reason."""
+
+    pixels: np.ndarray | list  # [n_ok, H, W, 3] uint8, or a list of [H, W, 3] arrays of varying size
+    ok: np.ndarray             # bool [n_rows]
+    reasons: list[str] = field(default_factory=list)  # "" where ok
+
+
+class Source:
+    """Base class. Subclasses set ``ids``, ``labels`` (or None), ``splits`` (or None)."""
+
+    kind = "source"
+    location = ""
+    ids: np.ndarray      # object array of str, one per row
+    labels: np.ndarray | None = None   # int64 [N] single-label, or uint8 [N, C] multi-hot
+    splits: np.ndarray | None = None   # object array of split names ("train", "test"), or None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def reader(self, rows: np.ndarray):
+        """A picklable callable returning :class:`Decoded` for these row positions."""
+        raise NotImplementedError
+
+    def read(self, rows) -> Decoded:
+        return self.reader(np.asarray(rows, dtype=np.int64))()
+
+    def fingerprint(self) -> str:
+        """Changes whenever the rows or their content may have changed."""
+        raise NotImplementedError
+
+    def subset(self, rows) -> "Source":
+        return SubsetSource(self, np.asarray(rows, dtype=np.int64))
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.location} ({len(self):,} images)"
+
+
+class SubsetSource(Source):
+    """Some rows of another source, in the given order."""
+
+    def __init__(self, parent: Source, rows: np.ndarray):
+        self.parent, self.rows = parent, rows
+        self.kind, self.location = parent.kind, parent.location
+        self.ids = parent.ids[rows]
+        self.labels = None if parent.labels is None else parent.labels[rows]
+        self.splits = None if parent.splits is None else parent.splits[rows]
+
+    def reader(self, rows):
+        return self.parent.reader(self.rows[rows])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.parent.fingerprint().encode())
+        digest.update(self.rows.tobytes())
+        return digest.hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{self.parent.describe()}, subset of {len(self):,}"
+
+
+# ----------------------------------------------------------------------------- in-memory arrays
+@dataclass(frozen=True)
+class _ArrayReader:
+    """Reads rows of a uint8 [N, H, W] or [N, H, W, 3] array that ``load`` returns (cached per process)."""
+
+    load: callable
+    args: tuple
+    rows: np.ndarray
+
+    def __call__(self) -> Decoded:
+        pixels = self.load(*self.args)[self.rows]
+        if pixels.ndim == 3:  # grey → RGB
+            pixels = np.repeat(pixels[..., None], 3, axis=3)
+        n = len(self.rows)
+        return Decoded(pixels, np.ones(n, bool), [""] * n)
+
+
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise SourceError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise SourceError(f"{path}: truncated IDX file ({body.size} bytes of pixels, header says {dims})")
+    return body.reshape(dims)
+
+
+@functools.lru_cache(maxsize=4)
+def _idx_images(paths: tuple[str, ...]) -> np.ndarray:
+    return np.concatenate([_read_idx(p) for p in paths])
+
+
+class IdxSource(Source):
+    """Fashion-MNIST / MNIST IDX files: ``{train,t10k}-images-idx3-ubyte[.gz]`` in one folder."""
+
+    kind = "idx"
+
+    def __init__(self, folder: str):
+        self.location = str(folder)
+        pairs = []
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            for ext in (".gz", ""):
+                img = os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}")
+                if os.path.exists(img):
+                    pairs.append((split, img, os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}")))
+                    break
+        if not pairs:
+            raise SourceError(f"{folder}: no *-images-idx3-ubyte[.gz] files")
+        self._paths = tuple(p[1] for p in pairs)
+        ids, labels, splits = [], [], []
+        for split, img, lab in pairs:
+            n = _read_idx_count(img)
+            ids += [f"{split}/{i:05d}" for i in range(n)]
+            splits += [split] * n
+            labels.append(_read_idx(lab).astype(np.int64) if os.path.exists(lab) else None)
+        self.ids = np.array(ids, dtype=object)
+        self.splits = np.array(splits, dtype=object)
+        self.labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
+
+    def reader(self, rows):
+        return _ArrayReader(_idx_images, (self._paths,), rows)
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self._paths)
+
+
+def _read_idx_count(path: str) -> int:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(8)
+    return struct.unpack(">I", head[4:8])[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _cifar_images(paths: tuple[str, ...]) -> np.ndarray:
+    return np.concatenate([_cifar_batch(p)[0] for p in paths])
+
+
+def _cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"{path}: not a CIFAR python batch ({exc})") from None
+    return np.ascontiguousarray(data), labels
+
+
+class CifarSource(Source):
+    """CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``)."""
+
+    kind = "cifar"
+
+    def __init__(self, folder: str):
+        if os.path.isdir(os.path.join(folder, "cifar-10-batches-py")):
+            folder = os.path.join(folder, "cifar-10-batches-py")
+        self.location = str(folder)
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        self._paths = tuple(os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n)))
+        if not self._paths:
+            raise SourceError(f"{folder}: no CIFAR-10 batches (data_batch_1 … test_batch)")
+        ids, labels, splits = [], [], []
+        for path in self._paths:
+            _, lab = _cifar_batch(path)
+            name = os.path.basename(path)
+            ids += [f"{name}/{i:05d}" for i in range(len(lab))]
+            splits += ["test" if name == "test_batch" else "train"] * len(lab)
+            labels.append(lab)
+        self.ids, self.splits = np.array(ids, dtype=object), np.array(splits, dtype=object)
+        self.labels = np.concatenate(labels)
+
+    def reader(self, rows):
+        return _ArrayReader(_cifar_images, (self._paths,), rows)
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self._paths)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_images() -> np.ndarray:
+    from sklearn.datasets import load_digits
+    # 0..16 grey levels → 0..255
+    return (load_digits().images * (255.0 / 16.0)).round().astype(np.uint8)
+
+
+class DigitsSource(Source):
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 real images): the tiny default."""
+
+    kind = "digits"
+    location = "sklearn:digits"
+
+    def __init__(self):
+        from sklearn.datasets import load_digits
+        target = load_digits().target
+        self.ids = np.array([f"digits/{i:04d}" for i in range(len(target))], dtype=object)
+        self.labels = target.astype(np.int64)
+
+    def reader(self, rows):
+        return _ArrayReader(_digits_images, (), rows)
+
+    def fingerprint(self) -> str:
+        import sklearn
+        return f"sklearn-digits-{sklearn.__version__}"
+
+
+# ----------------------------------------------------------------------------- files
+@dataclass(frozen=True)
+class _FileReader:
+    """Reads and decodes a list of files through fsspec (local paths or URLs)."""
+
+    protocol: str
+    storage_options: dict
+    paths: tuple[str, ...]
+
+    def __call__(self) -> Decoded:
+        fs = fsspec.filesystem(self.protocol, **self.storage_options)
+        pixels, ok, reasons = [], np.zeros(len(self.paths), bool), []
+        for i, path in enumerate(self.paths):
+            try:
+                pixels.append(decode_image(fs.cat_file(path)))
+                ok[i] = True
+                reasons.append("")
+            except ImageError as exc:
+                reasons.append(str(exc))
+            except OSError as exc:  # unreadable, vanished, permission denied
+                reasons.append(f"unreadable: {exc.strerror or exc}")
+        return Decoded(pixels, ok, reasons)
+
+
+def _safe_id(path: str) -> str:
+    """An id storable as UTF-8 even when the file name is not (undecodable bytes shown as \\xNN)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class _FileSource(Source):
+    def _set_files(self, fs, paths: list[str], ids: list[str]):
+        self._fs = fs
+        self._protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self._storage_options = dict(getattr(fs, "storage_options", {}) or {})
+        self._paths = np.array(paths, dtype=object)
+        self.ids = np.array([_safe_id(i) for i in ids], dtype=object)
+
+    def reader(self, rows):
+        return _FileReader(self._protocol, self._storage_options, tuple(self._paths[rows]))
+
+
+class FolderSource(_FileSource):
+    """Every image file below a folder (recursive); ids are paths relative to the folder."""
+
+    kind = "folder"
+
+    def __init__(self, location: str):
+        fs, root = fsspec.core.url_to_fs(location)
+        self.location = location
+        if not fs.isdir(root):
+            raise SourceError(f"{location}: not a folder")
+        listing = fs.find(root, detail=True)
+        files = sorted(p for p, info in listing.items()
+                       if info.get("type") == "file" and p.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise SourceError(f"{location}: no image files ({', '.join(IMAGE_EXTENSIONS)}) below this folder")
+        root = root.rstrip("/")
+        self._set_files(fs, files, [p[len(root) + 1:] for p in files])
+        self._listing = [(p, listing[p].get("size"), _mtime(listing[p])) for p in files]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self._listing, default=str).encode()).hexdigest()[:16]
+
+
+class ListFileSource(_FileSource):
+    """A deep-hashing list file: ``relative/path.jpg 0 1 0 …`` (multi-hot labels) one image a line.
+
+    Paths are relative to the list file's folder unless ``root`` is given.
+    """
+
+    kind = "list"
+
+    def __init__(self, location: str, root: str | None = None):
+        fs, path = fsspec.core.url_to_fs(location)
+        self.location = location
+        try:
+            text = fs.cat_file(path).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"{location}: list file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise SourceError(f"{location}: cannot read list file ({exc})") from None
+        ids, labels = parse_list_file(text, location)
+        base = root if root is not None else os.path.dirname(path)
+        if root is not None:
+            fs_root, base = fsspec.core.url_to_fs(root)
+            if type(fs_root) is not type(fs):
+                fs = fs_root
+        base = base.rstrip("/")
+        self._set_files(fs, [f"{base}/{i}" if base else i for i in ids], ids)
+        self.labels = labels
+        self._digest = hashlib.sha256(text.encode() + (base or "").encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        return self._digest
+
+
+def parse_list_file(text: str, name: str = "list file") -> tuple[list[str], np.ndarray | None]:
+    """Parse ``path l1 l2 …`` lines into ids and a uint8 multi-hot label matrix (None if no labels).
+
+    Blank lines and lines starting with ``#`` are skipped. Raises :class:`SourceError` naming
+    the line for a label that is not 0/1 or a label count that differs from the first line's.
+    """
+    ids, rows, width = [], [], None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        parts = stripped.split()
+        path, bits = parts[0], parts[1:]
+        if width is None:
+            width = len(bits)
+        elif len(bits) != width:
+            raise SourceError(f"{name}, line {lineno}: {len(bits)} labels, the first line has {width}")
+        if any(b not in ("0", "1") for b in bits):
+            bad = next(b for b in bits if b not in ("0", "1"))
+            raise SourceError(f"{name}, line {lineno}: label {bad!r} is not 0 or 1")
+        ids.append(path)
+        rows.append([b == "1" for b in bits])
+    if not ids:
+        raise SourceError(f"{name}: no image lines")
+    labels = np.array(rows, dtype=np.uint8) if width else None
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------- recognition
+def open_source(spec: "str | Source", *, root: str | None = None) -> Source:
+    """Turn a location into a :class:`Source`, recognising its kind.
+
+    ``digits`` → sklearn digits; ``fashion-mnist`` → Debian's dataset-fashion-mnist; a folder with
+    IDX files → :class:`IdxSource`; a folder with CIFAR batches → :class:`CifarSource`; any other
+    folder → :class:`FolderSource`; a text file → :class:`ListFileSource`. fsspec URLs work for
+    folders and list files.
+    """
+    if isinstance(spec, Source):
+        return spec
+    spec = str(spec)
+    if spec in ("digits", "sklearn:digits"):
+        return DigitsSource()
+    if spec == "fashion-mnist":
+        if not os.path.isdir(FASHION_MNIST_DIR):
+            raise SourceError("fashion-mnist: not installed (apt-get install dataset-fashion-mnist)")
+        spec = FASHION_MNIST_DIR
+    fs, path = fsspec.core.url_to_fs(spec)
+    if not fs.exists(path):
+        raise SourceError(f"{spec}: no such file or folder")
+    if fs.isdir(path):
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        if local:
+            names = set(os.listdir(path))
+            if any(n.endswith(("-images-idx3-ubyte", "-images-idx3-ubyte.gz")) for n in names):
+                return IdxSource(path)
+            if "data_batch_1" in names or "test_batch" in names or "cifar-10-batches-py" in names:
+                return CifarSource(path)
+        return FolderSource(spec)
+    if path.endswith(("-images-idx3-ubyte", "-images-idx3-ubyte.gz")):
+        return IdxSource(os.path.dirname(path))
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        raise SourceError(f"{spec}: a single image is not a source; give its folder or a list file")
+    return ListFileSource(spec, root=root)
+
+
+def _mtime(info: dict):
+    return info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
+
+
+def _stat_fingerprint(paths) -> str:
+    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+__all__ = ["Source", "Decoded", "SourceError", "open_source", "parse_list_file", "FolderSource",
+           "ListFileSource", "IdxSource", "CifarSource", "DigitsSource", "SubsetSource"]

@@ -1,0 +1,158 @@
+"""The on-disk index: Zarr groups of packed codes, published atomically through a pointer file.
+
+Layout of an index ``INDEX`` (a local folder or an fsspec URL)::
+
+    INDEX/CURRENT             name of the published version (replaced atomically)
+    INDEX/<version>/          one Zarr group per version:
+        codes    uint8 [N, bits/8]   packed bits, numpy.packbits order, bit 1 ⇔ +1; chunked by rows
+        ids      str   [N]           the source's name of each image
+        valid    bool  [N]           False for rejected images (and, later, tombstones)
+        reason   str   [N]           why a row was rejected ("" if valid)
+        labels   int64 [N] or uint8 [N, C]   when the source has labels
+        encoder  uint8 [nbytes]      the encoder file, so ``query --image`` needs nothing else
+        chunk_done uint8 [n_chunks]  build bookkeeping: which row chunks are written (resume)
+        attrs:   format, format_version, bits, count, encoder_id, encoder_config, created, complete, …
+
+A version is written in place under its own name while ``CURRENT`` still names the old one; readers
+only ever follow ``CURRENT``, so a half-written version is never visible.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import fsspec
+import numpy as np
+import zarr
+
+from .errors import HashindexError
+
+FORMAT = "hashindex"
+FORMAT_VERSION = 1
+POINTER = "CURRENT"
+
+
+class StoreError(HashindexError):
+    """A missing, incomplete or unreadable index; the message names the path."""
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_pointer(index: str) -> str | None:
+    fs, path = fsspec.core.url_to_fs(index)
+    try:
+        return fs.cat_file(_join(path, POINTER)).decode().strip() or None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def write_pointer(index: str, version: str) -> None:
+    """Point readers at ``version``: a rename on local disks, one object PUT on object stores."""
+    fs, path = fsspec.core.url_to_fs(index)
+    target = _join(path, POINTER)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "w") as f:
+            f.write(version + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    else:
+        fs.pipe_file(target, (version + "\n").encode())
+
+
+def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: tuple[str, int, str],
+                   labels: np.ndarray | None = None, encoder_bytes: bytes | None = None,
+                   attrs: dict | None = None) -> zarr.Group:
+    """Create (or reopen, to resume) a Zarr group of rows not yet written.
+
+    ``output`` is (array name, row width, dtype): ``("codes", bits // 8, "uint8")`` for an index
+    version, ``("features", d, "float16")`` for a feature cache.
+    """
+    attrs = dict(attrs or {})
+    try:
+        group = zarr.open_group(location, mode="r+")
+        if group.attrs.get("build_key") == attrs.get("build_key") and output[0] in group:
+            return group  # resume: same build, keep what is written
+    except FileNotFoundError:  # zarr's GroupNotFoundError is one too
+        pass
+    n = len(ids)
+    group = zarr.open_group(location, mode="w")
+    rows = max(1, min(chunk_rows, n))
+    name, width, dtype = output
+    group.create_array(name, shape=(n, width), dtype=dtype, chunks=(rows, width), fill_value=0)
+    group.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False)
+    group.create_array("reason", shape=(n,), dtype=str, chunks=(rows,))
+    group.create_array("ids", shape=(n,), dtype=str, chunks=(rows,))
+    group["ids"][:] = np.asarray(ids, dtype=object)
+    if labels is not None:
+        group.create_array("labels", shape=labels.shape, dtype=labels.dtype, chunks=(rows,) + labels.shape[1:])
+        group["labels"][:] = labels
+    if encoder_bytes is not None:
+        enc = np.frombuffer(encoder_bytes, dtype=np.uint8)
+        group.create_array("encoder", shape=enc.shape, dtype="uint8", chunks=enc.shape)
+        group["encoder"][:] = enc
+    n_chunks = max(1, -(-n // rows))
+    group.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
+    group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                        "count": int(n), "chunk_rows": int(rows), "created": _now(), "complete": False,
+                        **attrs})
+    return group
+
+
+def finish_version(group: zarr.Group) -> dict:
+    """Count rows and rejects, mark the version complete; returns the summary stored in its attrs."""
+    valid = group["valid"][:]
+    summary = {"valid": int(valid.sum()), "rejected": int((~valid).sum()), "complete": True, "finished": _now()}
+    group.attrs.update(summary)
+    return summary
+
+
+def version_names(index: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(index)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(e.rstrip("/")) for e in entries if fs.isdir(e))
+
+
+def resolve(path: str) -> tuple[str, str | None]:
+    """Location of the Zarr group to read for ``path`` (an index folder or one version's group)."""
+    version = read_pointer(path)
+    if version is not None:
+        return _join(path, version), version
+    return path, None
+
+
+def open_group(path: str) -> tuple[zarr.Group, str | None]:
+    location, version = resolve(path)
+    fs, local = fsspec.core.url_to_fs(location)
+    if not fs.exists(local):
+        raise StoreError(f"{path}: no index here" if version is None else
+                          f"{path}: published version {version} is missing")
+    try:
+        group = zarr.open_group(location, mode="r")
+    except FileNotFoundError:
+        raise StoreError(f"{path}: not a hashindex index (no Zarr group)") from None
+    attrs = group.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a hashindex index (format attribute is {attrs.get('format')!r})")
+    if attrs.get("format_version", 0) > FORMAT_VERSION:
+        raise StoreError(f"{path}: index format version {attrs.get('format_version')} is not supported "
+                          f"by this hashindex (reads up to {FORMAT_VERSION}); upgrade hashindex")
+    if not attrs.get("complete"):
+        raise StoreError(f"{path}: index is incomplete (a build that has not finished)")
+    return group, version
+
+
+def dump_attrs(group: zarr.Group) -> str:
+    return json.dumps(group.attrs.asdict(), indent=2, default=str)
