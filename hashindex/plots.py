@@ -1,0 +1,111 @@
+"""PNG plots of retrieval metrics (for bench/ reports).
+
+Figures are built with :class:`matplotlib.figure.Figure` directly rather than
+pyplot, so nothing touches the global backend, opens a window or leaks
+figures; saving goes through the Agg renderer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["plot_bars", "plot_pr_curves", "plot_precision_at_n"]
+
+
+def _save(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def _axes(title: str, xlabel: str, ylabel: str):
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def plot_pr_curves(curves: dict, path, title: str = "Precision-recall (Hamming radius)") -> Path:
+    """Plot precision against recall for several methods.
+
+    Parameters
+    ----------
+    curves : dict of str to dict
+        ``{label: pr}`` where ``pr`` has ``'precision'`` and ``'recall'``
+        sequences, e.g. the output of :func:`hashindex.metrics.pr_curve`.
+    path : str or Path
+        Output PNG file; parent directories are created.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    fig, ax = _axes(title, "recall", "precision")
+    for label, pr in curves.items():
+        ax.plot(np.asarray(pr["recall"]), np.asarray(pr["precision"]), marker=".", label=str(label))
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02))
+    if curves:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_precision_at_n(curves: dict, path, title: str = "Precision@N") -> Path:
+    """Plot precision@N against N (log scale) for several methods.
+
+    Parameters
+    ----------
+    curves : dict of str to dict
+        ``{label: {N: precision}}``, e.g. :func:`hashindex.metrics.precision_at_n`
+        output; string keys (after a JSON round trip) are accepted.
+    path : str or Path
+        Output PNG file; parent directories are created.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    fig, ax = _axes(title, "N (top returned)", "precision")
+    for label, values in curves.items():
+        ns = sorted(values, key=int)
+        ax.plot([int(n) for n in ns], [values[n] for n in ns], marker="o", label=str(label))
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    if curves:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_bars(values: dict, path, title: str, ylabel: str) -> Path:
+    """Bar chart of one number per method (e.g. mAP per code length).
+
+    Parameters
+    ----------
+    values : dict of str to float
+        ``{label: value}``, drawn in insertion order.
+    path : str or Path
+        Output PNG file; parent directories are created.
+    title, ylabel : str
+        Figure title and y-axis label.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    fig, ax = _axes(title, "", ylabel)
+    labels = [str(k) for k in values]
+    bars = ax.bar(labels, [float(v) for v in values.values()])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.tick_params(axis="x", labelrotation=30 if len(labels) > 4 else 0)
+    return _save(fig, path)
