@@ -87,7 +87,7 @@ class Backbone(nn.Module):
             groups = [(np.array(idx), np.stack([pixels[i] for i in idx])) for idx in shapes.values()]
         out = torch.empty((len(pixels), 3, size, size), dtype=torch.float32, device=self.device)
         for idx, batch in groups:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float()
+            x = torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(self.device).permute(0, 3, 1, 2).float()
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             out[torch.from_numpy(idx).to(self.device)] = x

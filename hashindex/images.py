@@ -58,7 +58,7 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         # 16/32-bit grey: scale the full range to 8 bits instead of clipping at 255
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        grey = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        grey = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)

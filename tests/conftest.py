@@ -1,0 +1,61 @@
+"""Shared fixtures: real Fashion-MNIST images, a feature cache and one Dask LocalCluster per session."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hashindex.sources import FASHION_MNIST_DIR, open_source
+
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
+                                  reason="dataset-fashion-mnist not installed (./setup.sh installs it)")
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip("dataset-fashion-mnist not installed (./setup.sh installs it)")
+    return open_source("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["HASHINDEX_CACHE"] = str(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real LocalCluster with two worker processes, shared by the pipeline tests."""
+    from hashindex.pipeline import dask_client
+    with dask_client(n_workers=2) as c:
+        yield c
+
+
+def write_pngs(source, rows, folder) -> list[str]:
+    """Save source rows as PNG files under class sub-folders; returns their ids (relative paths)."""
+    decoded = source.read(rows)
+    ids = []
+    for row, pixels in zip(rows, decoded.pixels):
+        rel = f"class{source.labels[row]}/{source.ids[row].replace('/', '_')}.png"
+        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
+        Image.fromarray(pixels).save(os.path.join(folder, rel))
+        ids.append(rel)
+    return ids
+
+
+@pytest.fixture(scope="session")
+def image_folder(fmnist, tmp_path_factory):
+    """A folder of 300 real Fashion-MNIST images as PNG files (30 per class) plus two broken files."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    rows = np.sort(np.concatenate([rng.choice(np.flatnonzero(fmnist.labels == c), 30, replace=False)
+                                   for c in range(10)]))
+    ids = write_pngs(fmnist, rows, folder)
+    (folder / "broken").mkdir()
+    (folder / "broken" / "empty.jpg").write_bytes(b"")
+    (folder / "broken" / "notes.png").write_bytes(b"this is a text file, not a png\n")
+    return {"path": str(folder), "ids": ids, "rows": rows, "labels": fmnist.labels[rows]}

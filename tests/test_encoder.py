@@ -1,0 +1,140 @@
+"""Backbones, ITQ/LSH heads and the encoder file: real weights, real images, exact round trips."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from hashindex import metrics
+from hashindex.backbones import BackboneError, BackboneSpec, create_backbone
+from hashindex.encoder import Encoder, EncoderError
+from hashindex.methods import create_method
+from hashindex.methods.base import MethodError
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_backbone("efficientnet-lite0", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def sample(fmnist, backbone):
+    """Features of 1,200 real Fashion-MNIST images: 1,000 to train on, 200 held-out queries."""
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(60_000, 1200, replace=False))
+    pixels = fmnist.read(rows).pixels
+    return {"pixels": pixels, "features": backbone.features(pixels), "labels": fmnist.labels[rows]}
+
+
+def test_pretrained_backbone_recognises_a_photo(backbone):
+    from sklearn.datasets import load_sample_image
+    net = create_backbone("efficientnet-lite0", image_size=224)
+    x = net.preprocess(load_sample_image("flower.jpg")[None])
+    with torch.inference_mode():
+        probs = net.classifier(net(x)).softmax(-1)[0]
+    assert int(probs.argmax()) == 985  # ImageNet class 985 "daisy": the weights really are pretrained
+
+
+def test_features_are_deterministic_and_per_image(backbone, sample):
+    pixels = sample["pixels"][:16]
+    batch = backbone.features(pixels)
+    alone = np.concatenate([backbone.features(pixels[i:i + 1]) for i in range(4)])
+    assert batch.shape == (16, 1280)
+    np.testing.assert_allclose(batch[:4], alone, rtol=1e-4, atol=1e-4)
+    # varying-size inputs are resized per image: a list gives what the stacked array gives
+    np.testing.assert_allclose(backbone.features(list(pixels[:4])), batch[:4], rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_backbone_needs_a_local_weights_file(tmp_path):
+    with pytest.raises(BackboneError, match="needs a local weights file"):
+        create_backbone("resnet18")
+    with pytest.raises(BackboneError, match="not found"):
+        create_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    net = create_backbone("resnet18", weights=str(weights), image_size=64)
+    assert net.features(np.zeros((2, 40, 30, 3), np.uint8)).shape == (2, 512)
+    assert net.spec.weights_sha256 and len(net.spec.weights_sha256) == 64
+    wrong = tmp_path / "vgg.pth"
+    torch.save({"nonsense": torch.zeros(1)}, wrong)
+    with pytest.raises(BackboneError, match="does not fit resnet18"):
+        create_backbone("resnet18", weights=str(wrong))
+
+
+def test_unknown_backbone_lists_the_known_ones():
+    with pytest.raises(BackboneError, match="efficientnet-lite0.*resnet18"):
+        create_backbone("inception")
+
+
+def _encoder(method, sample, bits=32):
+    head = create_method(method, bits, seed=0).fit(sample["features"][:1000])
+    return Encoder(method=method, bits=bits, backbone=BackboneSpec("efficientnet-lite0", 64), head=head)
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_itq_beats_lsh_on_held_out_queries(sample, bits):
+    train, test = slice(0, 1000), slice(1000, 1200)
+    scores = {}
+    for method in ("itq", "lsh"):
+        enc = _encoder(method, sample, bits)
+        codes = enc.encode_features(sample["features"])
+        scores[method] = metrics.mean_average_precision(codes[test], codes[train], sample["labels"][test],
+                                                        sample["labels"][train])
+    assert scores["itq"] > scores["lsh"] > 0.1  # 0.1 = chance level for 10 balanced classes
+
+
+def test_itq_rotation_reduces_quantization_loss(sample):
+    itq = create_method("itq", 32, n_iter=30)
+    itq.fit(sample["features"][:1000])
+    losses = itq.quantization_loss_
+    assert losses[-1] < losses[0] and all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
+
+
+def test_encoder_round_trips_bit_for_bit(sample, tmp_path):
+    enc = _encoder("itq", sample)
+    path = enc.save(tmp_path / "itq.encoder")
+    loaded = Encoder.load(path)
+    assert loaded.id == enc.id and loaded.config == enc.config
+    assert (loaded.encode_features(sample["features"]) == enc.encode_features(sample["features"])).all()
+    assert loaded.encode_pixels(sample["pixels"][:50]).shape == (50, 4)
+
+
+def test_image_alone_gets_the_same_bits_as_in_a_batch(sample):
+    enc = _encoder("itq", sample)
+    batch = enc.encode_pixels(sample["pixels"][:64])
+    alone = np.concatenate([enc.encode_pixels(sample["pixels"][i:i + 1]) for i in range(64)])
+    assert (batch == alone).all()
+
+
+def test_encoder_id_is_a_content_hash(sample):
+    a, b = _encoder("itq", sample), _encoder("itq", sample)
+    assert a.id == b.id
+    assert _encoder("lsh", sample).id != a.id
+
+
+def test_corrupt_encoder_file_is_a_clear_error(sample, tmp_path):
+    path = tmp_path / "bad.encoder"
+    path.write_bytes(b"not an encoder at all")
+    with pytest.raises(EncoderError, match="not a hashindex encoder file"):
+        Encoder.load(path)
+    data = bytearray(_encoder("itq", sample).to_bytes())
+    data[-5] ^= 0xFF  # flip bits inside the weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(EncoderError, match="does not match its id"):
+        Encoder.load(path)
+    with pytest.raises(EncoderError, match="cannot read encoder"):
+        Encoder.load(tmp_path / "missing.encoder")
+
+
+@pytest.mark.parametrize("bits, message", [(12, "multiple of 8"), (0, "multiple of 8")])
+def test_method_rejects_bad_bits(sample, bits, message):
+    with pytest.raises(MethodError, match=message):
+        create_method("itq", bits).fit(sample["features"])
+
+
+def test_method_rejects_bad_training_data():
+    with pytest.raises(MethodError, match="NaN"):
+        create_method("lsh", 8).fit(np.full((4, 3), np.nan))
+    with pytest.raises(MethodError, match="at least 16 training images"):
+        create_method("itq", 16).fit(np.random.default_rng(0).standard_normal((10, 32)))
+    with pytest.raises(MethodError, match="unknown method 'foo'.*itq"):
+        create_method("foo", 8)

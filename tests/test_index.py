@@ -1,0 +1,112 @@
+"""The Python API over an on-disk index: write_index, open, search, radius_search, ids, errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+import hashindex
+from hashindex import store
+
+
+def brute_force(queries, codes, k):
+    d = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.fixture
+def clustered(tmp_path):
+    rng = np.random.default_rng(3)
+    centres = rng.integers(0, 256, (5, 8), dtype=np.uint8)
+    which = rng.integers(0, 5, 500)
+    noise = np.packbits(rng.random((500, 64)) < 0.05, axis=1)
+    codes = centres[which] ^ noise
+    index = hashindex.write_index(str(tmp_path / "idx"), codes, ids=[f"img{i}" for i in range(500)], labels=which)
+    return codes, which, index
+
+
+def test_write_then_open(clustered, tmp_path):
+    codes, labels, index = clustered
+    opened = hashindex.open(index.path)
+    assert opened.bits == 64 and len(opened) == 500 and opened.ntotal == 500
+    assert (opened.codes == codes).all() and (opened.labels == labels).all()
+    assert opened.ids[3] == "img3" and opened.rows_of(["img7", "img2"]).tolist() == [7, 2]
+    assert store.read_pointer(index.path) == opened.version
+
+
+def test_search_matches_brute_force_with_ties_by_position(clustered):
+    codes, _, index = clustered
+    queries = codes[:20] ^ np.uint8(1)
+    distances, rows = index.search(queries, 25)
+    want_d, want_i = brute_force(queries, codes, 25)
+    assert distances.dtype == np.int32 and rows.dtype == np.int64
+    assert (distances == want_d).all() and (rows == want_i).all()
+
+
+def test_search_skips_rejected_rows_and_keeps_row_positions(tmp_path, clustered):
+    codes, _, _ = clustered
+    index = hashindex.write_index(str(tmp_path / "masked"), codes)
+    group = zarr.open_group(f"{index.path}/{index.version}", mode="r+")
+    valid = np.ones(500, bool)
+    valid[::2] = False
+    group["valid"][:] = valid
+    reopened = hashindex.open(index.path)
+    distances, rows = reopened.search(codes[:4], 10)
+    assert (rows % 2 == 1).all() and reopened.ntotal == 250
+    want_d, want_i = brute_force(codes[:4], codes[1::2], 10)
+    assert (distances == want_d).all() and (rows == 2 * want_i + 1).all()
+
+
+def test_k_larger_than_the_index(tmp_path):
+    codes = np.array([[1], [3], [255]], dtype=np.uint8)
+    index = hashindex.write_index(str(tmp_path / "tiny"), codes)
+    distances, rows = index.search(codes[:1], 5)
+    assert rows[0, :3].tolist() == [0, 1, 2] and (rows[0, 3:] == -1).all()
+
+
+def test_radius_search_is_inclusive(clustered):
+    codes, _, index = clustered
+    lims, distances, rows = index.radius_search(codes[:3], 4)
+    d = np.bitwise_count(codes[:3, None, :] ^ codes[None]).sum(-1)
+    for q in range(3):
+        got = rows[lims[q]:lims[q + 1]]
+        want = np.flatnonzero(d[q] <= 4)
+        assert sorted(got.tolist()) == want.tolist() and (distances[lims[q]:lims[q + 1]] <= 4).all()
+
+
+def test_store_errors(tmp_path, clustered):
+    with pytest.raises(store.StoreError, match="no index here"):
+        hashindex.open(str(tmp_path / "missing"))
+    plain = zarr.open_group(str(tmp_path / "plain"), mode="w")
+    plain.attrs["format"] = "something-else"
+    with pytest.raises(store.StoreError, match="not a hashindex index"):
+        hashindex.open(str(tmp_path / "plain"))
+    _, _, index = clustered
+    group = zarr.open_group(f"{index.path}/{index.version}", mode="r+")
+    group.attrs["format_version"] = 99
+    with pytest.raises(store.StoreError, match="format version 99 is not supported"):
+        hashindex.open(index.path)
+    with pytest.raises(store.StoreError, match="unknown id 'nope'"):
+        group.attrs["format_version"] = store.FORMAT_VERSION
+        hashindex.open(index.path).rows_of(["img1", "nope"])
+
+
+def test_write_index_checks_its_input(tmp_path):
+    with pytest.raises(TypeError, match="uint8"):
+        hashindex.write_index(str(tmp_path / "x"), np.zeros((3, 4), np.int32))
+    with pytest.raises(ValueError, match="ids has 2 entries for 3 codes"):
+        hashindex.write_index(str(tmp_path / "x"), np.zeros((3, 4), np.uint8), ids=["a", "b"])
+
+
+def test_cli_eval_agrees_with_the_metrics_module(tmp_path, clustered):
+    codes, labels, index = clustered
+    queries = hashindex.write_index(str(tmp_path / "q"), codes[:50] ^ np.uint8(4), labels=labels[:50])
+    out = subprocess.run([sys.executable, "-m", "hashindex.cli", "eval", index.path, queries.path, "--topk", "100",
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    want = hashindex.metrics.mean_average_precision(queries.codes, codes, labels[:50], labels, topk=100)
+    assert result["map@100"] == pytest.approx(want) and result["queries"] == 50

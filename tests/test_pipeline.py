@@ -1,0 +1,147 @@
+"""Real images through the real EfficientNet-Lite0, scheduled by a real Dask LocalCluster, into Zarr."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import hashindex
+from hashindex import store
+from hashindex.build import encode_images
+from hashindex.encoder import Encoder
+from hashindex.sources import open_source
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, client, cache_dir, tmp_path_factory):
+    """ITQ trained on the image folder (features cached with Dask) and the folder encoded into an index."""
+    out = tmp_path_factory.mktemp("run")
+    encoder = hashindex.train_encoder(image_folder["path"], "itq", 32, client=client)
+    encoder_path = encoder.save(out / "itq.encoder")
+    index = hashindex.encode(image_folder["path"], encoder, str(out / "db.index"), chunk_rows=64, client=client)
+    return {"encoder": encoder, "encoder_path": str(encoder_path), "index": index, "out": out}
+
+
+def test_index_holds_every_image_and_records_rejects(trained, image_folder):
+    index = trained["index"]
+    assert len(index) == 302 and index.ntotal == 300 and index.bits == 32
+    assert index.attrs["valid"] == 300 and index.attrs["rejected"] == 2
+    assert dict(index.rejects) == {"broken/empty.jpg": "empty file (0 bytes)",
+                                   "broken/notes.png": "not an image (unrecognised format)"}
+    assert index.attrs["encoder_id"] == trained["encoder"].id
+    assert index.encoder.id == trained["encoder"].id  # the stored copy is the same encoder
+
+
+def test_pipeline_codes_equal_in_process_codes(trained, image_folder):
+    index = trained["index"]
+    rows = index.rows_of(image_folder["ids"][:40])
+    paths = [os.path.join(image_folder["path"], i) for i in image_folder["ids"][:40]]
+    assert (encode_images(trained["encoder"], paths) == index.codes[rows]).all()
+
+
+def test_query_by_image_finds_itself(trained, image_folder):
+    index = trained["index"]
+    path = os.path.join(image_folder["path"], image_folder["ids"][7])
+    distances, rows = index.search(encode_images(index.encoder, [path]), 5)
+    assert distances[0, 0] == 0 and image_folder["ids"][7] in set(index.ids[rows[0][distances[0] == 0]])
+    # neighbours are mostly the same class: the codes carry meaning
+    classes = [i.split("/")[0] for i in index.ids[index.search(index.codes[index.valid], 10)[1].ravel()]]
+    own = np.repeat([i.split("/")[0] for i in index.ids[index.valid]], 10)
+    assert (np.array(classes) == own).mean() > 0.5
+
+
+def test_feature_cache_is_reused(image_folder, client, cache_dir):
+    first = hashindex.cached_features(image_folder["path"], client=client)
+    again = hashindex.cached_features(image_folder["path"], client=client)
+    assert again.seconds == 0 and first.location == again.location
+    assert (first.features == again.features).all() and again.features.dtype == np.float16
+    assert again.valid.sum() == 300
+
+
+def test_rerun_of_a_finished_build_reuses_it(trained, image_folder, client):
+    index = trained["index"]
+    again = hashindex.encode(image_folder["path"], trained["encoder"], index.path, chunk_rows=64, client=client)
+    assert again.version == index.version and (again.codes == index.codes).all()
+
+
+def test_old_version_stays_visible_until_the_new_one_is_complete(trained, tmp_path, fmnist, client):
+    path = str(tmp_path / "idx")
+    first = hashindex.encode(fmnist.subset(np.arange(40)), trained["encoder"], path, client=client)
+    # a second build, started but not finished: readers still see the first
+    store.create_version(f"{path}/v-unfinished", ids=np.array(["a", "b"], dtype=object), chunk_rows=2,
+                         output=("codes", 4, "uint8"), attrs={"build_key": "x", "bits": 32})
+    assert hashindex.open(path).version == first.version
+    second = hashindex.encode(fmnist.subset(np.arange(40, 80)), trained["encoder"], path, client=client)
+    assert hashindex.open(path).version == second.version != first.version
+    assert first.search(first.codes[:1], 1)[0][0, 0] == 0  # an already-open reader keeps working
+    with pytest.raises(store.StoreError, match="incomplete"):
+        hashindex.open(f"{path}/v-unfinished")
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "hashindex.cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_resume_after_sigkill_gives_the_same_index(trained, image_folder, tmp_path):
+    """Kill a real `hashindex encode` (and its Dask workers) mid-way, rerun it, compare with a clean run."""
+    killed = str(tmp_path / "killed.index")
+    cmd = [sys.executable, "-m", "hashindex.cli", "encode", "--encoder", trained["encoder_path"],
+           "--source", image_folder["path"], "--out", killed, "--chunk-rows", "8", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, done = time.time() + 240, 0
+    while time.time() < deadline and proc.poll() is None:
+        versions = [v for v in store.version_names(killed)] if os.path.isdir(killed) else []
+        if versions:
+            try:
+                done = int(zarr.open_group(f"{killed}/{versions[0]}", mode="r")["chunk_done"][:].sum())
+            except Exception:  # noqa: BLE001 - the group may be half-created at this instant
+                done = 0
+            if done >= 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    assert store.read_pointer(killed) is None  # nothing published
+    with pytest.raises(store.StoreError):
+        hashindex.open(killed)
+
+    resumed = _cli(*cmd[3:], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    clean = str(tmp_path / "clean.index")
+    cmd[cmd.index(killed)] = clean
+    assert _cli(*cmd[3:], timeout=600).returncode == 0
+    a, b = hashindex.open(killed), hashindex.open(clean)
+    assert a.version == b.version
+    for name in ("codes", "valid", "ids"):
+        assert (getattr(a, name) == getattr(b, name)).all(), name
+    assert a.rejects == b.rejects and a.attrs["valid"] == 300
+
+
+def test_cli_query_info_and_errors(trained, image_folder):
+    index = trained["index"]
+    image = os.path.join(image_folder["path"], image_folder["ids"][3])
+    out = _cli("query", index.path, "--image", image, "-k", "3")
+    assert out.returncode == 0 and image_folder["ids"][3] in out.stdout and "d=0" in out.stdout
+    info = _cli("info", index.path)
+    assert info.returncode == 0 and "rejected 2" in info.stdout and index.version in info.stdout
+    for args, message in [
+        (("query", index.path, "--code", "abcd"), "has 16 bits, the index has 32"),
+        (("query", index.path, "--code", "zzzzzzzz"), "not hexadecimal"),
+        (("query", index.path, "--id", "nope.png"), "unknown id 'nope.png'"),
+        (("query", index.path, "--id", image_folder["ids"][0], "-k", "0"), "-k must be at least 1"),
+        (("query", index.path, "--id", image_folder["ids"][0], "--radius", "-1"), "--radius must be 0 or more"),
+        (("query", "/no/such/index", "--code", "00000000"), "no index here"),
+        (("encode", "--encoder", "/no/encoder", "--source", "digits", "--out", "/tmp/x"), "cannot read encoder"),
+        (("train", "--method", "itq", "--source", "/no/such/dir", "--out", "/tmp/x"), "no such file or folder"),
+        (("train", "--method", "itq", "--source", "digits", "--backbone", "resnet18", "--out", "/tmp/x"),
+         "needs a local weights file"),
+    ]:
+        result = _cli(*args)
+        assert result.returncode == 2, args
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
