@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="folder that a list file's paths are relative to")
     p.add_argument("--sample", type=int, help="train on this many randomly drawn images (seeded)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", help="deep methods: a named parameter set of the method's config (default: the paper's)")
+    p.add_argument("--config", help="deep methods: JSON file of parameters overriding the profile")
+    p.add_argument("--epochs", type=int, help="deep methods: override the number of training epochs")
     p.add_argument("--cache-dir", help="feature cache folder (default: $HASHINDEX_CACHE or ~/.cache/hashindex)")
     p.add_argument("--out", required=True, help="encoder file to write")
     _add_backbone_args(p)
@@ -103,8 +106,10 @@ def _train(args) -> None:
         rows = np.sort(np.random.default_rng(args.seed).choice(len(source), args.sample, replace=False))
         source = source.subset(rows)
     spec = BackboneSpec(args.backbone, args.image_size, args.weights)
+    params = {k: v for k, v in (("profile", args.profile), ("config", args.config), ("epochs", args.epochs))
+              if v is not None}
     started = time.perf_counter()
-    encoder = train_encoder(source, args.method, args.bits, backbone=spec, seed=args.seed,
+    encoder = train_encoder(source, args.method, args.bits, backbone=spec, seed=args.seed, params=params,
                             cache_dir=args.cache_dir, scheduler=args.scheduler, n_workers=args.workers)
     encoder.save(args.out)
     print(f"{encoder} trained on {encoder.training['images']:,} images in {time.perf_counter() - started:.1f} s "

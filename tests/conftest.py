@@ -21,6 +21,31 @@ def fmnist():
 
 
 @pytest.fixture(scope="session")
+def fmnist_features(fmnist):
+    """EfficientNet-Lite0 (64 px) features of 1,200 real Fashion-MNIST training images: the first 1,000
+    to train on, the last 200 as held-out queries. Shared by every method's tests."""
+    from hashindex.backbones import create_backbone
+    rows = np.sort(np.random.default_rng(0).choice(60_000, 1200, replace=False))
+    pixels = fmnist.read(rows).pixels
+    features = create_backbone("efficientnet-lite0", image_size=64).features(pixels)
+    labels = fmnist.labels[rows]
+    return {"pixels": pixels, "features": features, "labels": labels,
+            "train": features[:1000], "train_labels": labels[:1000],
+            "query": features[1000:], "query_labels": labels[1000:]}
+
+
+def held_out_map(head, data) -> float:
+    """mAP@all of held-out queries against the training images, with a trained head's codes."""
+    from hashindex import metrics
+    from hashindex.encoder import pack_signs
+    import torch
+    with torch.inference_mode():
+        train = pack_signs(head.eval()(torch.from_numpy(data["train"])))
+        query = pack_signs(head(torch.from_numpy(data["query"])))
+    return metrics.mean_average_precision(query, train, data["query_labels"], data["train_labels"])
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache")
     os.environ["HASHINDEX_CACHE"] = str(path)

@@ -1,0 +1,145 @@
+"""The skeleton every deep hashing method shares: configs and profiles, seeding, the epoch loop,
+switchable weighted loss terms, progress and loss history. A method fills in :meth:`build` and
+:meth:`loss_terms` (and overrides :meth:`train_step` or :meth:`on_epoch_start` where its paper
+trains differently: meta-steps, adversaries, stages, per-epoch clustering).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .base import HashMethod, MethodError
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def load_config(name: str) -> dict:
+    """The method's config file: ``{"default_profile": …, "profiles": {name: {param: value}}, "doc": …}``."""
+    path = os.path.join(CONFIG_DIR, f"{name}.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class DeepHashMethod(HashMethod):
+    """Base of the five paper methods.
+
+    Parameters
+    ----------
+    bits : int
+    seed : int, default 0
+    profile : str, optional
+        A named parameter set from the method's config file (``hashindex/methods/configs/NAME.json``);
+        default: the file's ``default_profile``, which is the paper's settings.
+    config : str, optional
+        Path of a JSON file of parameters that override the profile (a copy of the shipped config
+        file, edited, also works: its ``profiles[profile]`` is used).
+    **params
+        Single overrides, e.g. ``epochs=5`` or ``loss_weights={"quantization": 0}`` to switch a loss
+        term off.
+    """
+
+    loss_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, bits, *, seed=0, profile: str | None = None, config: str | None = None, **params):
+        super().__init__(bits, seed=seed)
+        shipped = load_config(self.name)
+        self.profile = profile or shipped["default_profile"]
+        if self.profile not in shipped["profiles"]:
+            raise MethodError(f"{self.name}: unknown profile {self.profile!r}; "
+                              f"available: {', '.join(shipped['profiles'])}")
+        merged = dict(shipped["profiles"][self.profile])
+        if config:
+            with open(config) as f:
+                user = json.load(f)
+            merged.update(user.get("profiles", {}).get(self.profile, user) if "profiles" in user else user)
+        merged.update(params)
+        weights = dict(merged.get("loss_weights", {}))
+        unknown = set(weights) - set(self.loss_names)
+        if unknown:
+            raise MethodError(f"{self.name}: unknown loss terms {sorted(unknown)}; terms: {list(self.loss_names)}")
+        merged["loss_weights"] = {name: float(weights.get(name, 1.0)) for name in self.loss_names}
+        self.config = merged
+
+    def __getattr__(self, item):
+        # parameters read as attributes: self.epochs, self.lr, … (only reached when not a real attribute)
+        config = self.__dict__.get("config", {})
+        if item in config:
+            return config[item]
+        raise AttributeError(item)
+
+    def params(self) -> dict:
+        return {**super().params(), **self.config}
+
+    # -- to implement --------------------------------------------------------------------------
+    def build(self, x: torch.Tensor, y: torch.Tensor | None) -> nn.Module:
+        """Create the head (a registered head type) and any other modules; return the head."""
+        raise NotImplementedError
+
+    def loss_terms(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Unweighted loss terms for one mini-batch (``idx`` are the rows of the training set)."""
+        raise NotImplementedError
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return list(self.head_.parameters())
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.config.get("weight_decay", 0.0))
+
+    def on_epoch_start(self, epoch: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Hook for per-epoch work (re-clustering, re-estimating thresholds)."""
+
+    # -- shared skeleton -----------------------------------------------------------------------
+    def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = self.config["loss_weights"]
+        return sum(weights[name] * value for name, value in terms.items() if weights.get(name, 0.0) != 0.0)
+
+    def train_step(self, idx, x, y) -> dict[str, float]:
+        terms = self.loss_terms(idx, x, y)
+        loss = self.total_loss(terms)
+        self.optimizer_.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer_.step()
+        return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
+
+    def _fit(self, features: np.ndarray, labels: np.ndarray | None) -> nn.Module:
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed)
+        device = training_device()
+        x = torch.from_numpy(features).to(device)
+        y = None if labels is None else torch.from_numpy(np.asarray(labels)).to(device)
+        self.head_ = self.build(x, y).to(device)
+        self.optimizer_ = self.make_optimizer(self.parameters_to_train())
+        generator = torch.Generator().manual_seed(self.seed)
+        self.history_ = []
+        batch = int(self.batch_size)
+        bar = tqdm(range(int(self.epochs)), desc=f"train {self.name} {self.bits} bits", file=sys.stderr,
+                   mininterval=1.0, dynamic_ncols=True)
+        for epoch in bar:
+            self.head_.train()
+            self.on_epoch_start(epoch, x, y)
+            order = torch.randperm(len(x), generator=generator).to(device)
+            sums: dict[str, float] = {}
+            batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+            if len(batches) > 1 and len(batches[-1]) < 2:  # a single-row batch has no pairs
+                batches = batches[:-1]
+            for idx in batches:
+                for key, value in self.train_step(idx, x[idx], None if y is None else y[idx]).items():
+                    sums[key] = sums.get(key, 0.0) + value
+            means = {k: v / len(batches) for k, v in sums.items()}
+            self.history_.append(means)
+            bar.set_postfix(loss=f"{means['loss']:.4f}")
+            log.info("%s epoch %d: %s", self.name, epoch + 1, means)
+        return self.head_.eval().cpu()
