@@ -64,13 +64,14 @@ class Encoder:
     """Maps images (or their backbone features) to packed binary codes, one image at a time."""
 
     def __init__(self, *, method: str, bits: int, backbone: BackboneSpec, head: nn.Module,
-                 training: dict[str, Any] | None = None):
+                 training: dict[str, Any] | None = None, device: torch.device | str | None = None):
         if bits % 8:
             raise EncoderError(f"bits must be a multiple of 8, got {bits}")
         self.method, self.bits, self.backbone_spec = method, int(bits), backbone
         self.head = head.eval()
         self.training = training or {}
         self._backbone: Backbone | None = None
+        self._device = torch.device(device) if device is not None else None
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -95,7 +96,7 @@ class Encoder:
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.backbone_spec, device=default_device())
+            self._backbone = load_backbone(self.backbone_spec, device=self._device or default_device())
             self.head.to(self._backbone.device)
         return self._backbone
 
@@ -129,7 +130,7 @@ class Encoder:
         return path
 
     @classmethod
-    def from_bytes(cls, data: bytes, name: str = "encoder") -> "Encoder":
+    def from_bytes(cls, data: bytes, name: str = "encoder", device=None) -> "Encoder":
         from . import methods  # noqa: F401 - registers every method's head type
 
         try:
@@ -148,7 +149,7 @@ class Encoder:
         head = HEADS[head_type](**config["head"]["kwargs"])
         head.load_state_dict(tensors)
         enc = cls(method=config["method"], bits=config["bits"], backbone=BackboneSpec(**config["backbone"]),
-                  head=head, training=meta.get("training"))
+                  head=head, training=meta.get("training"), device=device)
         if enc.id != meta["id"]:
             raise EncoderError(f"{name}: content does not match its id {meta['id']} (corrupted file?)")
         return enc

@@ -90,9 +90,13 @@ class Index:
         rows[found] = self._valid_rows[local[found]]
         return rows
 
+    @cached_property
+    def _row_of_id(self) -> dict[str, int]:
+        return {name: row for row, name in enumerate(self.ids)}
+
     def rows_of(self, ids) -> np.ndarray:
         """Row positions of the given ids; an unknown id is an error naming it."""
-        position = {name: row for row, name in enumerate(self.ids)}
+        position = self._row_of_id
         missing = [i for i in ids if i not in position]
         if missing:
             raise StoreError(f"{self.path}: unknown id {missing[0]!r}" +

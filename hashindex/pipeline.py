@@ -66,7 +66,7 @@ class CodeTransform:
         key = ("encoder", self.location)
         if key not in _LOADED:
             data = zarr.open_group(self.location, mode="r")["encoder"][:].tobytes()
-            _LOADED[key] = Encoder.from_bytes(data, name=f"{self.location}/encoder")
+            _LOADED[key] = Encoder.from_bytes(data, name=f"{self.location}/encoder", device=worker_device())
         return _LOADED[key]
 
     def __call__(self, pixels) -> np.ndarray:
@@ -76,8 +76,21 @@ class CodeTransform:
 def _backbone(spec: BackboneSpec):
     key = ("backbone", spec)
     if key not in _LOADED:
-        _LOADED[key] = load_backbone(spec, device=default_device())
+        _LOADED[key] = load_backbone(spec, device=worker_device())
     return _LOADED[key]
+
+
+def worker_device() -> torch.device:
+    """CPU, or one GPU per worker: a LocalCluster names its workers 0, 1, …, which spreads them over
+    the GPUs; elsewhere (named workers, plain processes) the default CUDA device."""
+    device = default_device()
+    if device.type != "cuda":
+        return device
+    try:
+        from dask.distributed import get_worker
+        return torch.device(f"cuda:{int(get_worker().name) % torch.cuda.device_count()}")
+    except (ValueError, TypeError):
+        return device
 
 
 def _run_chunk(reader, transform, location: str, start: int, chunk_index: int, width: int, dtype: str,
