@@ -61,12 +61,17 @@ class DeepHashMethod(HashMethod):
             raise MethodError(f"{self.name}: unknown profile {self.profile!r}; "
                               f"available: {', '.join(shipped['profiles'])}")
         merged = dict(shipped["profiles"][self.profile])
+        weights = dict(merged.get("loss_weights", {}))
+        overrides = []
         if config:
             with open(config) as f:
                 user = json.load(f)
-            merged.update(user.get("profiles", {}).get(self.profile, user) if "profiles" in user else user)
-        merged.update(params)
-        weights = dict(merged.get("loss_weights", {}))
+            overrides.append(user.get("profiles", {}).get(self.profile, user) if "profiles" in user else user)
+        overrides.append(params)
+        for override in overrides:
+            merged.update(override)
+            # an override names only the terms it changes; the others keep the profile's weights
+            weights.update(override.get("loss_weights", {}))
         unknown = set(weights) - set(self.loss_names)
         if unknown:
             raise MethodError(f"{self.name}: unknown loss terms {sorted(unknown)}; terms: {list(self.loss_names)}")
@@ -112,7 +117,7 @@ class DeepHashMethod(HashMethod):
         self.optimizer_.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer_.step()
-        return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
     def _fit(self, features: np.ndarray, labels: np.ndarray | None) -> nn.Module:
         torch.manual_seed(self.seed)
