@@ -1,0 +1,284 @@
+"""DPFAH — deep parameter-free attention hashing (seed 001; supervised, needs labels).
+
+The paper's network is ResNet18 with a parameter-free attention module (SimAM) added back to the
+stem's feature map (``X + PFA(X)``), then the residual stages, the 512-d pooled feature ``φ(x)`` and
+two branches on it: a hash layer ``u = Wᵀφ(x) + v`` (k outputs) and a classifier ``o`` (c outputs).
+Loss ``L = L1 + η L2 + ζ L3``:
+
+- ``L1`` pairwise negative log-likelihood, ``Σ softplus(Θ_ij) − s_ij Θ_ij``, ``Θ_ij = ½ f(u_i)ᵀ f(u_j)``;
+- ``L2`` quantization regulation ``Σ_i ‖ReLU(1 − b_i ⊙ f(u_i))‖²``, ``b_i = sign(u_i)``;
+- ``L3`` class-wise loss: softmax cross-entropy (int labels) or sigmoid BCE (multi-hot labels);
+
+with the piecewise relaxation ``f(u) = clamp(u, −δ, δ)``, ``δ = 1.1`` (our choice, see methods.md).
+
+Normalisation per mini-batch of ``B`` images (our choice): the two sums of the paper's hashing loss,
+``L1`` over the ``B(B−1)`` ordered pairs of distinct images (a self-pair carries no similarity
+information) and ``L2`` over the ``B·k`` code entries, are divided by the same count ``B(B−1)``, which
+keeps the paper's balance between them (``η`` weighs a per-image sum against a per-pair sum).
+Measured on 1,000 Fashion-MNIST features, 32 bits: dividing ``L2`` by its own count ``B·k`` instead
+made ``η = 10`` swamp ``L1`` (the pair loss rose during training; mAP 0.527 against 0.573).
+``L3`` is the usual mean over images (and classes, for BCE).
+
+Two modes:
+
+- **head** (:class:`DPFAH`, the registered method): on cached pooled features of the frozen default
+  backbone. The stem-level SimAM cannot act on pooled features, so head mode trains the two
+  branches on the features. Optionally (``adapter``) a trainable layer shared by both branches
+  stands in for the backbone's trainable last stage; without it the classifier shares no parameter
+  with the hash layer and ``L3`` cannot change the codes.
+- **finetune** (:func:`build_network`, :func:`finetune`): the paper's ResNet18 + SimAM network trained
+  end to end on pixels; needs a local ResNet18 weights file.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import BackboneSpec, _torchvision, resolve_spec
+from .base import MethodError, register_method
+from .common import MLPHead, label_similarity, off_diagonal, sign
+from .deep import DeepHashMethod
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- the paper's network
+class SimAM(nn.Module):
+    """Parameter-free attention: weights every neuron by ``sigmoid(1/E)`` from a closed-form energy.
+
+    Per channel: ``μ = mean_HW(X)``, ``d = (X − μ)²``, ``v = Σ_HW d / (HW − 1)``,
+    ``E⁻¹ = d / (4(v + λ)) + 0.5``, output ``X · sigmoid(E⁻¹)``. No parameters.
+    """
+
+    def __init__(self, lam: float = 1e-4):
+        super().__init__()
+        self.lam = float(lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[2] * x.shape[3]
+        d = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2)
+        v = d.sum(dim=(2, 3), keepdim=True) / max(n - 1, 1)
+        return x * torch.sigmoid(d / (4 * (v + self.lam)) + 0.5)
+
+
+class _Residual(nn.Module):
+    """``X + module(X)``: the paper adds the attention output back to the feature map."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return x + self.module(x)
+
+
+class DPFAHNetwork(nn.Module):
+    """ResNet18 stem → ``X + SimAM(X)`` → residual stages → pooled 512-d ``φ`` → (hash ``u``, class ``o``).
+
+    ``forward`` returns ``(u, o)``; bits are ``sign(u)``. Input: normalised ``[B, 3, H, W]``.
+    """
+
+    def __init__(self, resnet: nn.Module, bits: int, n_classes: int, lam: float = 1e-4):
+        super().__init__()
+        r = resnet
+        self.features = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, _Residual(SimAM(lam)),
+                                      r.layer1, r.layer2, r.layer3, r.layer4, r.avgpool, nn.Flatten(1))
+        dim = r.fc.in_features
+        self.hash_layer = nn.Linear(dim, bits)
+        self.classifier = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        phi = self.features(x)
+        return self.hash_layer(phi), self.classifier(phi)
+
+
+def build_network(weights: str | None, bits: int, n_classes: int, *, lam: float = 1e-4) -> DPFAHNetwork:
+    """The paper's finetune-mode network from a local torchvision ResNet18 state dict.
+
+    Raises :class:`~hashindex.backbones.BackboneError` when ``weights`` is missing or does not fit:
+    nothing is downloaded.
+    """
+    spec = resolve_spec(BackboneSpec("resnet18", 224, weights))
+    return DPFAHNetwork(_torchvision("resnet18", spec.weights), int(bits), int(n_classes), lam)
+
+
+# ----------------------------------------------------------------------------- losses
+def relax(u: torch.Tensor, delta: float) -> torch.Tensor:
+    """The piecewise relaxation ``f(u) = clamp(u, −δ, δ)``."""
+    return u.clamp(-delta, delta)
+
+
+def pairwise_nll(fu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``mean_{i≠j} softplus(Θ_ij) − s_ij Θ_ij`` with ``Θ = ½ f(u) f(u)ᵀ``."""
+    theta = 0.5 * fu @ fu.T
+    return off_diagonal(F.softplus(theta) - s * theta).mean()
+
+
+def quantization_regulation(u: torch.Tensor, fu: torch.Tensor) -> torch.Tensor:
+    """``Σ_i ‖ReLU(1 − b_i ⊙ f(u_i))‖² / (B(B−1))``, ``b = sign(u)`` (a constant): the pairwise loss's
+    normaliser, see the module docstring."""
+    n = u.shape[0]
+    return F.relu(1.0 - sign(u.detach()) * fu).pow(2).sum() / (n * max(n - 1, 1))
+
+
+def classwise_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy for class indices ``[B]``, sigmoid BCE for multi-hot ``[B, c]``."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target.float())
+
+
+def _class_targets(labels: np.ndarray, n: int, name: str) -> tuple[np.ndarray, int]:
+    """Check labels; int labels become indices ``0..c−1`` (any int values), multi-hot stays 0/1."""
+    labels = np.asarray(labels)
+    if len(labels) != n:
+        raise MethodError(f"{name}: {len(labels)} labels for {n} training features")
+    if labels.ndim == 1:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise MethodError(f"{name}: single labels must be integers, got dtype {labels.dtype}")
+        classes, index = np.unique(labels, return_inverse=True)
+        return index.astype(np.int64), len(classes)
+    if labels.ndim == 2 and np.isin(labels, (0, 1)).all():
+        return labels.astype(np.float32), labels.shape[1]
+    raise MethodError(f"{name}: labels must be an int vector or a 0/1 multi-hot matrix, got shape "
+                      f"{labels.shape}, dtype {labels.dtype}")
+
+
+def _optimizer(kind: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise MethodError(f"dpfah: unknown optimizer {kind!r}; use 'rmsprop' (the paper) or 'adam'")
+
+
+# ----------------------------------------------------------------------------- head mode
+@register_method("dpfah")
+class DPFAH(DeepHashMethod):
+    """DPFAH in head mode: hash and classifier branches trained on frozen backbone features.
+
+    Parameters (profile entries, overridable as keyword arguments)
+    ----------
+    epochs, batch_size, lr, weight_decay
+    optimizer : {"rmsprop", "adam"}
+        The paper uses RMSProp.
+    delta : float, default 1.1
+        Relaxation bound of ``f(u) = clamp(u, −δ, δ)``.
+    adapter : list of int, default []
+        Hidden widths of a trainable ReLU stack shared by both branches (``[]``: the branches sit
+        directly on the backbone feature, as the brief reads the paper in head mode; then the
+        classifier shares no parameter with the hash layer and ``classwise`` cannot change the codes).
+    standardize : {"none", "center", "scale"}
+        Train on features minus the training mean (and divided by the std); folded into the first
+        layer after training, so the encoder head takes raw features. ``paper``: none.
+    loss_weights : {"pairwise": 1, "quantization": η = 10, "classwise": ζ = 0.1}
+
+    The encoder's head is the hash branch (adapter + hash layer) as an ``mlp`` head; bits = sign(u).
+    """
+
+    needs_labels = True
+    loss_names = ("pairwise", "quantization", "classwise")
+
+    def build(self, x, y):
+        targets, n_classes = _class_targets(y.cpu().numpy(), len(x), self.name)
+        self.targets_ = torch.from_numpy(targets).to(x.device)
+        dims = [x.shape[1], *[int(h) for h in self.config.get("adapter", [])]]
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [["linear", a, b], ["relu"]]
+        layers.append(["linear", dims[-1], self.bits])
+        head = MLPHead(layers)
+        # Pooled CNN features are all non-negative: steps on an uncentred input move every code the
+        # same way. Train on standardised features; fold the affine map into the first layer at the end.
+        mode = self.config.get("standardize", "none")
+        if mode not in ("none", "center", "scale"):
+            raise MethodError(f"{self.name}: standardize must be 'none', 'center' or 'scale', got {mode!r}")
+        xf = x.float()
+        self.shift_ = xf.mean(0) if mode != "none" else torch.zeros(x.shape[1], device=x.device)
+        self.scale_ = (xf.std(0).clamp_min(1e-6) if mode == "scale"
+                       else torch.ones(x.shape[1], device=x.device))
+        self.trunk_ = head.net[:-1]        # shared φ (identity without an adapter)
+        self.hash_layer_ = head.net[-1]
+        self.classifier_ = nn.Linear(dims[-1], n_classes).to(x.device)
+        return head
+
+    def parameters_to_train(self):
+        return list(self.head_.parameters()) + list(self.classifier_.parameters())
+
+    def make_optimizer(self, params):
+        return _optimizer(self.config.get("optimizer", "rmsprop"), params, float(self.lr),
+                          float(self.config.get("weight_decay", 0.0)))
+
+    def loss_terms(self, idx, x, y):
+        phi = self.trunk_((x.float() - self.shift_) / self.scale_)
+        u = self.hash_layer_(phi)
+        fu = relax(u, float(self.config.get("delta", 1.1)))
+        s = label_similarity(y)
+        return {"pairwise": pairwise_nll(fu, s),
+                "quantization": quantization_regulation(u, fu),
+                "classwise": classwise_loss(self.classifier_(phi), self.targets_[idx])}
+
+    def _fit(self, features, labels):
+        head = super()._fit(features, labels)
+        self.classifier_ = self.classifier_.eval().cpu()
+        first = head.net[0]
+        with torch.no_grad():  # W((x − m)/σ) + b = (W/σ) x + (b − W(m/σ))
+            w = first.weight / self.scale_.cpu()
+            first.bias -= w @ self.shift_.cpu()
+            first.weight.copy_(w)
+        return head
+
+
+# ----------------------------------------------------------------------------- finetune mode
+_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0
+_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0
+
+
+def _pixels_to_input(pixels: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 RGB ``[n, H, W, 3]`` → resized, ImageNet-normalised ``[n, 3, S, S]``."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - _IMAGENET_MEAN) / _IMAGENET_STD
+
+
+def finetune(pixels: np.ndarray, labels: np.ndarray, bits: int, weights: str, *, image_size: int = 64,
+             steps: int = 10, batch_size: int = 128, lr: float = 5e-5, weight_decay: float = 1e-5,
+             loss_weights: dict | None = None, delta: float = 1.1, seed: int = 0
+             ) -> tuple[DPFAHNetwork, list[dict]]:
+    """Train the paper's whole network (ResNet18 + SimAM + both branches) on decoded images.
+
+    The paper's mode; on CPU it runs, slowly (meant for a few steps here, a GPU for real training).
+    Returns the network (``net(x)[0]`` are the real-valued codes) and the per-step loss history.
+    The result is not an :class:`~hashindex.encoder.Encoder`: the encoder file format carries head
+    weights only, not trained backbone weights.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise MethodError(f"dpfah finetune: pixels must be uint8 RGB [n, H, W, 3] of one size, got {pixels.shape}")
+    targets, n_classes = _class_targets(labels, len(pixels), "dpfah finetune")
+    weights_ = {"pairwise": 1.0, "quantization": 10.0, "classwise": 0.1, **(loss_weights or {})}
+    torch.manual_seed(seed)
+    net = build_network(weights, bits, n_classes)
+    opt = torch.optim.RMSprop(net.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    label_t, target_t = torch.from_numpy(np.asarray(labels)), torch.from_numpy(targets)
+    history = []
+    net.train()
+    for _ in range(int(steps)):
+        idx = torch.randperm(len(pixels), generator=generator)[:batch_size]
+        u, o = net(_pixels_to_input(pixels[idx.numpy()], image_size))
+        fu = relax(u, delta)
+        terms = {"pairwise": pairwise_nll(fu, label_similarity(label_t[idx])),
+                 "quantization": quantization_regulation(u, fu),
+                 "classwise": classwise_loss(o, target_t[idx])}
+        loss = sum(weights_[k] * v for k, v in terms.items() if weights_[k] != 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+    return net.eval(), history
