@@ -1,0 +1,219 @@
+"""Multi-index hashing must return exactly what LinearScan returns."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from hashindex import mih as mih_mod
+from hashindex.mih import MultiIndexHashing, default_m
+from hashindex.search import LinearScan
+
+
+def random_codes(rng, n, nbytes):
+    return rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+
+
+def clustered_codes(rng, n, nbytes, centres=4, flip=0.04, dup=0.3):
+    c = rng.integers(0, 256, size=(centres, nbytes), dtype=np.uint8)
+    bits = np.unpackbits(c[rng.integers(0, centres, size=n)], axis=1)
+    bits ^= (rng.random(bits.shape) < flip).astype(np.uint8)
+    codes = np.packbits(bits, axis=1)
+    ndup = int(dup * n)
+    if n > 1 and ndup:
+        codes[rng.integers(0, n, ndup)] = codes[rng.integers(0, n, ndup)]
+    return codes
+
+
+@pytest.fixture(params=["mih-only", "default-budget"])
+def fallback(request, monkeypatch):
+    """mih-only: a budget no query reaches, so every result comes from the tables;
+    a query that would fall back fails the test."""
+    if request.param == "mih-only":
+        monkeypatch.setattr(mih_mod, "_FALLBACK_FRACTION", 1e12)
+    return request.param
+
+
+def no_fallback(index):
+    def fail(*args, **kwargs):
+        raise AssertionError("fell back to the linear scan")
+    index._scan.search = fail
+    index._scan.radius_search = fail
+    return index
+
+
+def assert_same_knn(index, scan, q, k):
+    D, I = index.search(q, k)
+    D2, I2 = scan.search(q, k)
+    assert D.dtype == np.int32 and I.dtype == np.int64
+    np.testing.assert_array_equal(D, D2)
+    np.testing.assert_array_equal(I, I2)
+
+
+def assert_same_radius(index, scan, q, r):
+    for got, want in zip(index.radius_search(q, r), scan.radius_search(q, r)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [16, 24, 32, 64, 128, 256])
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_knn_identical_to_linear_scan(bits, kind, fallback):
+    rng = np.random.default_rng(bits)
+    make = random_codes if kind == "random" else clustered_codes
+    codes = make(rng, 4000 + 30, bits // 8)
+    db, q = codes[:4000], codes[4000:]
+    q = np.concatenate([q, db[:5]])  # exact duplicates of database rows too
+    scan = LinearScan(db)
+    for m in sorted({default_m(bits, len(db)), max(-(-bits // 32), 2), bits // 8}):
+        index = MultiIndexHashing(db, m)
+        if fallback == "mih-only":
+            no_fallback(index)
+        for k in (1, 10, 64):
+            assert_same_knn(index, scan, q, k)
+            assert_same_knn(index, scan, q[:1], k)
+
+
+@pytest.mark.parametrize("split", ["every-pass", "off"])
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_single_query_split_over_threads(split, kind, monkeypatch):
+    """One query's passes dealt out to the threads (private heaps, merged per
+    pass) must give the same results and tie order as one thread."""
+    monkeypatch.setattr(mih_mod, "_FALLBACK_FRACTION", 1e12)
+    rng = np.random.default_rng(11)
+    make = random_codes if kind == "random" else clustered_codes
+    for nbytes, m in ((8, 4), (8, 8), (3, 3), (16, 8)):
+        codes = make(rng, 3000 + 8, nbytes)
+        db, q = codes[:3000], codes[3000:]
+        index, scan = no_fallback(MultiIndexHashing(db, m)), LinearScan(db)
+        index._split_min_keys = 1  # split even the smallest pass
+        index.split_single_query = split == "every-pass"
+        for i in range(len(q)):
+            for k in (1, 10, 100):
+                assert_same_knn(index, scan, q[i], k)
+
+
+def test_knn_k_at_least_n_and_tiny_databases():
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 5, 70):
+        db = clustered_codes(rng, n, 4)
+        index, scan = MultiIndexHashing(db), LinearScan(db)
+        for k in (1, n, n + 4):
+            assert_same_knn(index, scan, random_codes(rng, 3, 4), k)
+
+
+@pytest.mark.parametrize("bits", [16, 24, 64, 128])
+def test_radius_identical_to_linear_scan(bits, fallback):
+    rng = np.random.default_rng(bits + 1)
+    db = clustered_codes(rng, 3000, bits // 8, flip=0.08)
+    q = np.concatenate([db[:4], random_codes(rng, 3, bits // 8)])
+    scan = LinearScan(db)
+    index = MultiIndexHashing(db, max(2, -(-bits // 32)))
+    if fallback == "mih-only":
+        no_fallback(index)
+    for r in sorted({0, 1, 3, bits // 8, bits // 4, bits // 2, bits}):
+        assert_same_radius(index, scan, q, r)
+
+
+def test_dense_and_sorted_key_tables_agree():
+    rng = np.random.default_rng(2)
+    db = clustered_codes(rng, 3000, 8, flip=0.1)
+    q = db[:10]
+    dense = MultiIndexHashing(db, 8)   # 8-bit substrings: direct offset arrays
+    sparse = MultiIndexHashing(db, 2)  # 32-bit substrings: sorted keys + binary search
+    assert dense._dense.all() and not sparse._dense.any()
+    scan = LinearScan(db)
+    for index in (dense, sparse):
+        assert_same_knn(index, scan, q, 20)
+        assert_same_radius(index, scan, q, 9)
+
+
+def test_random_codes_use_the_tables_not_the_fallback():
+    rng = np.random.default_rng(3)
+    db = random_codes(rng, 50_000, 8)
+    index = no_fallback(MultiIndexHashing(db, 4))
+    assert_same_knn(index, LinearScan(db), random_codes(rng, 20, 8), 10)
+
+
+def test_fallback_gives_identical_results(monkeypatch):
+    monkeypatch.setattr(mih_mod, "_FALLBACK_FRACTION", 1e-9)  # every query falls back
+    rng = np.random.default_rng(4)
+    db = clustered_codes(rng, 2000, 8)
+    index, scan = MultiIndexHashing(db), LinearScan(db)
+    q = np.concatenate([db[:3], random_codes(rng, 3, 8)])
+    assert_same_knn(index, scan, q, 7)
+    assert_same_radius(index, scan, q, 10)
+
+
+def test_partial_fallback_radius_splices_results(monkeypatch):
+    """Some queries fall back (duplicate-heavy region), others do not."""
+    rng = np.random.default_rng(5)
+    db = random_codes(rng, 3000, 8)
+    db[:1500] = db[0]  # half the database is one code
+    monkeypatch.setattr(mih_mod, "_FALLBACK_FRACTION", 0.2)
+    index, scan = MultiIndexHashing(db, 4), LinearScan(db)
+    q = np.concatenate([db[:2], random_codes(rng, 3, 8), db[:1]])
+    assert_same_radius(index, scan, q, 6)
+    assert_same_knn(index, scan, q, 5)
+
+
+def test_default_m():
+    assert default_m(64, 10_000_000) == 5  # measured best on random codes
+    assert default_m(64, 1_000_000) == 6
+    assert default_m(64, 1000) == 16  # substrings never shorter than 4 bits
+    assert default_m(256, 10) <= 256
+    for bits in (16, 64, 256):
+        for n in (1, 100, 10**7):
+            m = default_m(bits, n)
+            assert 1 <= m <= bits and -(-bits // m) <= 32
+
+
+def test_errors():
+    db = random_codes(np.random.default_rng(6), 50, 8)
+    for m in (0, 65, 1, 1.5, True):
+        with pytest.raises(ValueError, match="m"):
+            MultiIndexHashing(db, m)
+    index = MultiIndexHashing(db)
+    assert (index.ntotal, index.nbytes, index.bits) == (50, 8, 64)
+    with pytest.raises(TypeError, match="codes.*int16"):
+        MultiIndexHashing(db.astype(np.int16))
+    with pytest.raises(TypeError, match="queries.*float32"):
+        index.search(db.astype(np.float32), 1)
+    with pytest.raises(ValueError, match=r"queries have 2 bytes \(16 bits\) per code, the index has 8 bytes"):
+        index.search(db[:, :2], 1)
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(db, 0)
+    with pytest.raises(ValueError, match="radius must be"):
+        index.radius_search(db, -1)
+    D, I = index.search(db[3], 1)  # 1-D query
+    assert D.shape == (1, 1) and I[0, 0] == 3
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(1, 300))
+    nbytes = draw(st.integers(1, 12))
+    bits = 8 * nbytes
+    m = draw(st.integers(-(-bits // 32), min(bits, 12)))
+    k = draw(st.integers(1, 40))
+    r = draw(st.integers(0, bits))
+    centres = draw(st.integers(1, 5))
+    flip = draw(st.sampled_from([0.0, 0.03, 0.2, 0.5]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return n, nbytes, m, k, r, centres, flip, seed
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cases())
+def test_property_identical_to_linear_scan(monkeypatch, case):
+    n, nbytes, m, k, r, centres, flip, seed = case
+    monkeypatch.setattr(mih_mod, "_FALLBACK_FRACTION", 1e12)
+    rng = np.random.default_rng(seed)
+    codes = clustered_codes(rng, n + 4, nbytes, centres=centres, flip=flip)
+    db, q = codes[:n], codes[n:]
+    index, scan = MultiIndexHashing(db, m), LinearScan(db)
+    index._scan.radius_search = None  # the budget is never reached
+    assert_same_radius(index, scan, q, r)
+    if k < n:  # k >= N goes to the linear scan by design
+        no_fallback(index)
+    assert_same_knn(index, scan, q, k)
