@@ -134,3 +134,5 @@ def test_method_rejects_bad_training_data():
         create_method("itq", 16).fit(np.random.default_rng(0).standard_normal((10, 32)))
     with pytest.raises(MethodError, match="unknown method 'foo'.*itq"):
         create_method("foo", 8)
+    with pytest.raises(MethodError, match="itq takes no parameter 'epochs'"):
+        create_method("itq", 8, epochs=3)

@@ -1,6 +1,7 @@
 """The one interface every hashing method implements (scikit-learn style: params in __init__, fit returns)."""
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import numpy as np
@@ -26,6 +27,12 @@ def register_method(name: str):
 def create_method(name: str, bits: int, **params) -> "HashMethod":
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    accepted = set(inspect.signature(METHODS[name].__init__).parameters)
+    if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(METHODS[name].__init__).parameters.values()):
+        unknown = sorted(set(params) - accepted)
+        if unknown:
+            raise MethodError(f"{name} takes no parameter {unknown[0]!r} (it takes: "
+                              f"{', '.join(sorted(accepted - {'self', 'bits'}))})")
     return METHODS[name](bits=bits, **params)
 
 
