@@ -84,3 +84,19 @@ def image_folder(fmnist, tmp_path_factory):
     (folder / "broken" / "empty.jpg").write_bytes(b"")
     (folder / "broken" / "notes.png").write_bytes(b"this is a text file, not a png\n")
     return {"path": str(folder), "ids": ids, "rows": rows, "labels": fmnist.labels[rows]}
+
+
+def random_codes(rng, n, nbytes):
+    return rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+
+
+def clustered_codes(rng, n, nbytes, centres=4, flip=0.04, dup=0.3):
+    """Few centres + sparse bit noise, with a share of exact duplicates: many ties, like learned codes."""
+    c = rng.integers(0, 256, size=(centres, nbytes), dtype=np.uint8)
+    bits = np.unpackbits(c[rng.integers(0, centres, size=n)], axis=1)
+    bits ^= (rng.random(bits.shape) < flip).astype(np.uint8)
+    codes = np.packbits(bits, axis=1)
+    ndup = int(dup * n)
+    if n > 1 and ndup:
+        codes[rng.integers(0, n, ndup)] = codes[rng.integers(0, n, ndup)]
+    return codes

@@ -7,21 +7,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hashindex import mih as mih_mod
 from hashindex.mih import MultiIndexHashing, default_m
 from hashindex.search import LinearScan
+from conftest import clustered_codes, random_codes
 
 
-def random_codes(rng, n, nbytes):
-    return rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
-
-
-def clustered_codes(rng, n, nbytes, centres=4, flip=0.04, dup=0.3):
-    c = rng.integers(0, 256, size=(centres, nbytes), dtype=np.uint8)
-    bits = np.unpackbits(c[rng.integers(0, centres, size=n)], axis=1)
-    bits ^= (rng.random(bits.shape) < flip).astype(np.uint8)
-    codes = np.packbits(bits, axis=1)
-    ndup = int(dup * n)
-    if n > 1 and ndup:
-        codes[rng.integers(0, n, ndup)] = codes[rng.integers(0, n, ndup)]
-    return codes
 
 
 @pytest.fixture(params=["mih-only", "default-budget"])

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from hashindex import search as search_mod
 from hashindex.search import MISSING_DISTANCE, LinearScan, hamming_distances
+from conftest import clustered_codes, random_codes
 
 faiss = pytest.importorskip("faiss")
 
@@ -31,20 +32,6 @@ def brute_knn(q, db, k):
     return np.take_along_axis(d, i, axis=1), i
 
 
-def random_codes(rng, n, nbytes):
-    return rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
-
-
-def clustered_codes(rng, n, nbytes, centres=4, flip=0.04, dup=0.3):
-    """Few centres + sparse bit noise, with a share of exact duplicates: many ties."""
-    c = rng.integers(0, 256, size=(centres, nbytes), dtype=np.uint8)
-    bits = np.unpackbits(c[rng.integers(0, centres, size=n)], axis=1)
-    bits ^= (rng.random(bits.shape) < flip).astype(np.uint8)
-    codes = np.packbits(bits, axis=1)
-    ndup = int(dup * n)
-    if n > 1 and ndup:
-        codes[rng.integers(0, n, ndup)] = codes[rng.integers(0, n, ndup)]
-    return codes
 
 
 def faiss_search(db, q, k):
