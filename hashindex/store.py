@@ -18,7 +18,6 @@ only ever follow ``CURRENT``, so a half-written version is never visible.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -153,6 +152,3 @@ def open_group(path: str) -> tuple[zarr.Group, str | None]:
         raise StoreError(f"{path}: index is incomplete (a build that has not finished)")
     return group, version
 
-
-def dump_attrs(group: zarr.Group) -> str:
-    return json.dumps(group.attrs.asdict(), indent=2, default=str)
