@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--id", nargs="+", metavar="ID", help="ids of images in the index")
     p.add_argument("-k", type=int, default=10, help="number of neighbours (default: %(default)s)")
     p.add_argument("--radius", type=int, help="return every row within this Hamming distance instead of k")
+    p.add_argument("--searcher", choices=("auto", "linear", "mih"), default="auto",
+                   help="linear scan, multi-index hashing, or chosen by index size (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("info", help="describe an index")
@@ -157,7 +159,7 @@ def _query(args) -> None:
         raise HashindexError(f"-k must be at least 1, got {args.k}")
     if args.radius is not None and args.radius < 0:
         raise HashindexError(f"--radius must be 0 or more, got {args.radius}")
-    index = open_index(args.index)
+    index = open_index(args.index, searcher=args.searcher)
     if args.code:
         names, codes = args.code, parse_hex_codes(args.code, index.bits)
     elif args.id:
@@ -199,7 +201,7 @@ def _info(args) -> None:
     backbone = config.get("backbone") or {}
     print(f"index     {info['path']}  (version {info['version']})")
     print(f"rows      {info['rows']:,}  searchable {info['searchable']:,}  rejected {len(rejects):,}")
-    print(f"bits      {info['bits']}")
+    print(f"bits      {info['bits']}  searcher {info['searcher']}")
     if config:
         print(f"encoder   {info.get('encoder_id')}  method {config.get('method')}  backbone "
               f"{backbone.get('name')} @ {backbone.get('image_size')} px")

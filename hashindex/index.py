@@ -8,8 +8,21 @@ import numpy as np
 
 from . import store
 from .encoder import Encoder
+from .errors import HashindexError
 from .search import LinearScan
 from .store import StoreError
+
+SEARCHERS = ("auto", "linear", "mih")
+# Where multi-index hashing beats the tuned linear scan, read off bench/search_speed.py on this
+# 2-core machine: at 10M 64-bit codes MIH answers single queries ~5x faster; at 1M codes, or at
+# 128 bits, the scan wins. So: MIH from a few million codes of at most 64 bits.
+MIH_MIN_CODES = 4_000_000
+MIH_MAX_BITS = 64
+
+
+def choose_searcher(ntotal: int, bits: int) -> str:
+    """The cost model behind ``searcher="auto"``."""
+    return "mih" if ntotal >= MIH_MIN_CODES and bits <= MIH_MAX_BITS else "linear"
 
 
 class Index:
@@ -19,8 +32,10 @@ class Index:
     ``radius_search`` return row positions in the stored arrays, so ``index.ids[I]`` names the images.
     """
 
-    def __init__(self, path: str, group, version: str | None):
-        self.path, self.version, self._group = path, version, group
+    def __init__(self, path: str, group, version: str | None, searcher: str = "auto"):
+        if searcher not in SEARCHERS:
+            raise HashindexError(f"searcher must be one of {', '.join(SEARCHERS)}, got {searcher!r}")
+        self.path, self.version, self._group, self._searcher_choice = path, version, group, searcher
         self.attrs = group.attrs.asdict()
         self.bits = int(self.attrs["bits"])
 
@@ -67,9 +82,20 @@ class Index:
         return Encoder.from_bytes(self._group["encoder"][:].tobytes(), name=f"{self.path} (stored encoder)")
 
     # -- search --------------------------------------------------------------------------------
+    @property
+    def searcher(self) -> str:
+        """``"linear"`` or ``"mih"``: what answers this index's queries."""
+        if self._searcher_choice == "auto":
+            return choose_searcher(self.ntotal, self.bits)
+        return self._searcher_choice
+
     @cached_property
-    def _searcher(self) -> LinearScan:
-        return LinearScan(np.ascontiguousarray(self.codes[self._valid_rows]))
+    def _searcher(self):
+        codes = np.ascontiguousarray(self.codes[self._valid_rows])
+        if self.searcher == "mih":
+            from .mih import MultiIndexHashing
+            return MultiIndexHashing(codes)
+        return LinearScan(codes)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest rows by Hamming distance: ``(D int32 [Q, k], I int64 [Q, k])``, ties by row position.
@@ -105,16 +131,21 @@ class Index:
 
     def info(self) -> dict:
         return {"path": self.path, "version": self.version, "bits": self.bits, "rows": len(self),
-                "searchable": self.ntotal, **{k: v for k, v in self.attrs.items() if k not in ("bits",)}}
+                "searchable": self.ntotal, "searcher": self.searcher, **{k: v for k, v in self.attrs.items() if k not in ("bits",)}}
 
     def __repr__(self) -> str:
         return f"Index({self.path!r}, version={self.version!r}, bits={self.bits}, rows={len(self):,})"
 
 
-def open(path: str) -> Index:  # noqa: A001 - the public name, like zarr.open
-    """Open the published version of the index at ``path`` (a folder or fsspec URL)."""
+def open(path: str, *, searcher: str = "auto") -> Index:  # noqa: A001 - the public name, like zarr.open
+    """Open the published version of the index at ``path`` (a folder or fsspec URL).
+
+    ``searcher``: ``"linear"`` (numba popcount scan), ``"mih"`` (exact multi-index hashing; tables
+    built on the first query) or ``"auto"`` (MIH from a few million codes of at most 64 bits).
+    Both give identical results.
+    """
     group, version = store.open_group(str(path))
-    return Index(str(path), group, version)
+    return Index(str(path), group, version, searcher)
 
 
 def write_index(path: str, codes: np.ndarray, ids=None, *, labels: np.ndarray | None = None,

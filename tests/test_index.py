@@ -46,6 +46,23 @@ def test_search_matches_brute_force_with_ties_by_position(clustered):
     assert (distances == want_d).all() and (rows == want_i).all()
 
 
+def test_mih_searcher_gives_the_linear_scan_results(clustered):
+    codes, _, index = clustered
+    linear = hashindex.open(index.path, searcher="linear")
+    mih = hashindex.open(index.path, searcher="mih")
+    assert linear.searcher == "linear" and mih.searcher == "mih"
+    queries = codes[:30] ^ np.uint8(2)
+    for a, b in zip(linear.search(queries, 15), mih.search(queries, 15)):
+        assert (a == b).all()
+    for a, b in zip(linear.radius_search(queries, 5), mih.radius_search(queries, 5)):
+        assert (a == b).all()
+    assert hashindex.open(index.path).searcher == "linear"  # 500 codes: the scan is cheaper
+    assert hashindex.index.choose_searcher(10_000_000, 64) == "mih"
+    assert hashindex.index.choose_searcher(10_000_000, 128) == "linear"
+    with pytest.raises(ValueError, match="searcher must be one of"):
+        hashindex.open(index.path, searcher="fast")
+
+
 def test_search_skips_rejected_rows_and_keeps_row_positions(tmp_path, clustered):
     codes, _, _ = clustered
     index = hashindex.write_index(str(tmp_path / "masked"), codes)
