@@ -23,11 +23,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import faiss  # noqa: E402
 import numba  # noqa: E402
 
 from hashindex.search import LinearScan  # noqa: E402
+from machine import cpu_model  # noqa: E402 - one home for the machine record
 
 try:  # phase 2; the bench still runs without it
     from hashindex.mih import MultiIndexHashing  # noqa: E402
@@ -35,16 +37,6 @@ except ImportError:  # pragma: no cover
     MultiIndexHashing = None
 
 RESULTS = ROOT / "bench" / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict:

@@ -111,7 +111,8 @@ def encode(source, encoder: "Encoder | str", out: str, *, chunk_rows: int | None
     src = open_source(source)
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
     chunk_rows = chunk_rows_for(len(src), chunk_rows)
-    key = build_key("codes", enc.id, src.fingerprint(), chunk_rows, len(src))
+    fingerprint = src.fingerprint()  # hashes the whole listing of a folder source: once
+    key = build_key("codes", enc.id, fingerprint, chunk_rows, len(src))
     version = f"v-{key}"
     location = f"{str(out).rstrip('/')}/{version}"
     started = time.perf_counter()
@@ -119,7 +120,7 @@ def encode(source, encoder: "Encoder | str", out: str, *, chunk_rows: int | None
         location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels, output=("codes", enc.bits // 8, "uint8"),
         encoder_bytes=enc.to_bytes(),
         attrs={"build_key": key, "bits": enc.bits, "encoder_id": enc.id, "encoder_config": enc.config,
-               "source": src.describe(), "source_fingerprint": src.fingerprint()})
+               "source": src.describe(), "source_fingerprint": fingerprint})
     if not group.attrs.get("complete"):
         with _client(client, scheduler, n_workers) as c:
             counts = run_chunks(c, src, group, location, CodeTransform(location), desc="encoding")

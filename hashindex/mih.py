@@ -52,7 +52,7 @@ from numba import njit, prange
 
 from . import _bitops
 from ._bitops import _U0, _U1, _U63, _U64, _USENT, _greater, _heapsort, _sift_down, popcount64, prefetch
-from .search import (MISSING_DISTANCE, LinearScan, _check_codes, _check_k, _check_queries,
+from .search import (LinearScan, empty_result, _check_codes, _check_k, _check_queries,
                      _check_radius)
 
 __all__ = ["MultiIndexHashing", "default_m"]
@@ -622,8 +622,7 @@ class MultiIndexHashing:
         k = _check_k(k)
         nq = queries.shape[0]
         if nq == 0 or self.ntotal == 0:
-            return (np.full((nq, k), MISSING_DISTANCE, dtype=np.int32),
-                    np.full((nq, k), -1, dtype=np.int64))
+            return empty_result(nq, k)
         if k >= self.ntotal:  # MIH would visit everything anyway
             return self._scan.search(queries, k)
         qwords = _bitops.pack_rows(queries)

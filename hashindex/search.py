@@ -41,6 +41,11 @@ _MAX_QUERY_BATCH = 4096
 _PARALLEL_MIN_WORDS = 1 << 18
 
 
+def empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(D, I)`` with every slot missing: no queries, or an empty database."""
+    return np.full((nq, k), MISSING_DISTANCE, dtype=np.int32), np.full((nq, k), -1, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------
@@ -143,8 +148,7 @@ class LinearScan:
         k = _check_k(k)
         nq = queries.shape[0]
         if nq == 0 or self.ntotal == 0:
-            return (np.full((nq, k), MISSING_DISTANCE, dtype=np.int32),
-                    np.full((nq, k), -1, dtype=np.int64))
+            return empty_result(nq, k)
         qwords = _bitops.pack_rows(queries)
         nchunks = self._nchunks(nq)
         blk = _block_tiles(self._words)
