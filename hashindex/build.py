@@ -6,6 +6,7 @@ Each takes an optional Dask ``client``; without one it starts a LocalCluster of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -15,13 +16,14 @@ import numpy as np
 import zarr
 
 from . import store
-from .backbones import BackboneSpec, feature_dim, resolve_spec
+from .backbones import BackboneSpec, feature_dim, load_backbone, resolve_spec
 from .encoder import Encoder
 from .index import Index
 from .index import open as open_index
-from .methods import create_method
+from .methods import MethodError, create_method
+from .methods.deep import training_device
 from .pipeline import CodeTransform, FeatureTransform, build_key, chunk_rows_for, dask_client, run_chunks
-from .sources import Source, open_source
+from .sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +78,99 @@ def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_di
     return FeatureSet(group["features"][:], group["valid"][:], src.ids, src.labels, location, seconds)
 
 
-def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: BackboneSpec = BackboneSpec(),
-                  params: dict | None = None, seed: int = 0, features: FeatureSet | None = None,
-                  cache_dir: str | None = None, client=None, scheduler=None, n_workers=None) -> Encoder:
-    """Fit ``method`` on the backbone features of ``source`` and return the encoder.
+MODES = ("head", "finetune")
 
-    ``features`` may be passed when already computed (the benchmark reuses one cache for every method).
+
+def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: BackboneSpec = BackboneSpec(),
+                  params: dict | None = None, seed: int = 0, mode: str = "head", tags: np.ndarray | None = None,
+                  validation: float = 0.0, features: FeatureSet | None = None, cache_dir: str | None = None,
+                  client=None, scheduler=None, n_workers=None) -> Encoder:
+    """Fit ``method`` on the images of ``source`` and return the encoder.
+
+    mode
+        ``head``: train on cached features of the frozen backbone (computed with Dask once).
+        ``finetune``: train the backbone end to end with the method (deep methods; slow on a CPU).
+        The encoder then carries the trained backbone weights.
+    tags
+        Multi-hot auxiliary semantics, one row per image of ``source`` (LAGNH's user tags).
+    validation
+        Fraction of the images held out of training (seeded); their retrieval mAP against the
+        training images is recorded in ``encoder.training["validation"]``, the split to compare
+        settings on, so query images are never used for tuning.
+    features
+        Already computed features of ``source`` (the benchmark reuses one cache for every method).
     """
+    if mode not in MODES:
+        raise MethodError(f"unknown training mode {mode!r}; use one of {', '.join(MODES)}")
+    if not 0.0 <= validation < 1.0:
+        raise MethodError(f"validation must be a fraction in [0, 1), got {validation}")
     src = open_source(source)
     spec = resolve_spec(backbone)
     if features is None:
         features = cached_features(src, spec, cache_dir=cache_dir, client=client, scheduler=scheduler,
                                    n_workers=n_workers)
-    x = features.features[features.valid].astype(np.float32)
-    y = None if features.labels is None else features.labels[features.valid]
     hasher = create_method(method, bits, seed=seed, **(params or {}))
+    if mode == "finetune" and not hasher.can_finetune:
+        raise MethodError(f"{method} has no finetune mode: it trains on backbone features only (use mode head)")
+    rows = np.flatnonzero(features.valid)
+    held_out = np.empty(0, np.int64)
+    if validation:
+        rng = np.random.default_rng(seed)
+        held_out = np.sort(rng.choice(rows, size=max(1, round(validation * len(rows))), replace=False))
+        rows = np.setdiff1d(rows, held_out)
+    x = features.features[rows].astype(np.float32)
+    y = None if features.labels is None else features.labels[rows]
+    fit_args = {}
+    if tags is not None:
+        if len(tags) != len(src):
+            raise MethodError(f"{len(tags)} rows of tags for the {len(src)} images of {src.describe()}")
+        fit_args["tags"] = np.asarray(tags)[rows]
+    tuned = None
+    if mode == "finetune":
+        tuned = load_backbone(spec, device=training_device(), stem_attention=hasher.stem_attention)
+        fit_args.update(images=functools.partial(_training_pixels, src, rows), backbone=tuned)
     started = time.perf_counter()
-    head = hasher.fit(x, y)
+    head = hasher.fit(x, y, **fit_args)
     seconds = time.perf_counter() - started
     training = {"source": src.describe(), "source_fingerprint": src.fingerprint(), "images": int(len(x)),
-                "params": hasher.params(), "fit_seconds": round(seconds, 3),
+                "mode": mode, "params": hasher.params(), "fit_seconds": round(seconds, 3),
                 "feature_seconds": round(features.seconds, 3)}
-    return Encoder(method=method, bits=bits, backbone=spec, head=head, training=training)
+    encoder = Encoder(method=method, bits=bits, backbone=spec, head=head, training=training,
+                      backbone_state=None if tuned is None else tuned.net.state_dict(),
+                      stem_attention=hasher.stem_attention if tuned is not None else None,
+                      training_arrays=hasher.training_arrays())
+    if len(held_out):
+        training["validation"] = _validation_scores(encoder, src, features, rows, held_out)
+    return encoder
+
+
+def _training_pixels(src: Source, rows: np.ndarray, positions: np.ndarray):
+    """Decoded pixels of training rows ``rows[positions]`` (finetune mode reads them batch by batch)."""
+    decoded = src.read(rows[positions])
+    if not decoded.ok.all():
+        bad = np.flatnonzero(~decoded.ok)[0]
+        raise SourceError(f"{src.ids[rows[positions][bad]]}: could not be read again during training "
+                          f"({decoded.reasons[bad]})")
+    return decoded.pixels
+
+
+def _training_codes(encoder: Encoder, src: Source, features: FeatureSet, rows: np.ndarray) -> np.ndarray:
+    if not encoder.finetuned:
+        return encoder.encode_features(features.features[rows].astype(np.float32))
+    return encoder.encode_pixels(_training_pixels(src, rows, np.arange(len(rows))))
+
+
+def _validation_scores(encoder: Encoder, src: Source, features: FeatureSet, train_rows: np.ndarray,
+                       held_out: np.ndarray) -> dict:
+    """Retrieval of the held-out images among the training images (mAP needs labels)."""
+    record = {"images": int(len(held_out))}
+    if features.labels is not None:
+        from .metrics import evaluate
+        scores = evaluate(_training_codes(encoder, src, features, held_out),
+                          _training_codes(encoder, src, features, train_rows),
+                          features.labels[held_out], features.labels[train_rows], topks=(None,))
+        record["map@all"] = round(float(scores["map@all"]), 4)
+    return record
 
 
 def encode(source, encoder: "Encoder | str", out: str, *, chunk_rows: int | None = None, client=None,

@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="deep methods: a named parameter set of the method's config (default: the paper's)")
     p.add_argument("--config", help="deep methods: JSON file of parameters overriding the profile")
     p.add_argument("--epochs", type=int, help="deep methods: override the number of training epochs")
+    p.add_argument("--mode", choices=("head", "finetune"), default="head",
+                   help="head: train on cached features of the frozen backbone (default); finetune: train "
+                        "the backbone end to end too (deep methods; slow on a CPU)")
+    p.add_argument("--tags", metavar="FILE", help="lagnh: user tags, lines 'ID 0 1 0 …' (default: the "
+                   "backbone's ImageNet predictions)")
+    p.add_argument("--validation", type=float, default=0.0, metavar="FRACTION",
+                   help="hold out this fraction of the training images and report their mAP (default: 0)")
     p.add_argument("--cache-dir", help="feature cache folder (default: $HASHINDEX_CACHE or ~/.cache/hashindex)")
     p.add_argument("--out", required=True, help="encoder file to write")
     _add_backbone_args(p)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> None:
     from .backbones import BackboneSpec
     from .build import train_encoder
-    from .sources import open_source
+    from .sources import open_source, read_tags
 
     source = open_source(args.source, root=args.root)
     if args.sample:
@@ -110,12 +117,20 @@ def _train(args) -> None:
     spec = BackboneSpec(args.backbone, args.image_size, args.weights)
     params = {k: v for k, v in (("profile", args.profile), ("config", args.config), ("epochs", args.epochs))
               if v is not None}
+    tags = None
+    if args.tags:
+        if args.method != "lagnh":
+            raise HashindexError(f"--tags is for lagnh; {args.method} uses no tags")
+        tags = read_tags(args.tags, list(source.ids))
     started = time.perf_counter()
     encoder = train_encoder(source, args.method, args.bits, backbone=spec, seed=args.seed, params=params,
-                            cache_dir=args.cache_dir, scheduler=args.scheduler, n_workers=args.workers)
+                            mode=args.mode, tags=tags, validation=args.validation, cache_dir=args.cache_dir,
+                            scheduler=args.scheduler, n_workers=args.workers)
     encoder.save(args.out)
-    print(f"{encoder} trained on {encoder.training['images']:,} images in {time.perf_counter() - started:.1f} s "
-          f"→ {args.out}")
+    print(f"{encoder} trained ({args.mode} mode) on {encoder.training['images']:,} images in "
+          f"{time.perf_counter() - started:.1f} s → {args.out}")
+    if "validation" in encoder.training:
+        print(f"validation: {encoder.training['validation']}")
 
 
 def _encode(args) -> None:

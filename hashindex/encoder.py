@@ -3,6 +3,10 @@
 Loading needs no training state: the config names the head type registered in :data:`HEADS` and its
 constructor arguments; the tensors fill it. The encoder id is a content hash of what the encoder
 computes (backbone, preprocessing, head, weights), so two encoders with equal ids give equal codes.
+
+An encoder trained in finetune mode also carries its backbone's weights (tensors named
+``backbone/…``) and the config's ``tuned_backbone`` entry (e.g. the attention module DPFAH puts
+after the stem); a head-mode encoder uses the pretrained backbone of its spec.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from .errors import HashindexError
 from .backbones import Backbone, BackboneSpec, default_device, load_backbone
 
 ENCODER_FORMAT_VERSION = 1
+_BACKBONE_PREFIX = "backbone/"
+_TRAINING_PREFIX = "training/"
 HEADS: dict[str, type[nn.Module]] = {}
 
 
@@ -64,45 +70,71 @@ class Encoder:
     """Maps images (or their backbone features) to packed binary codes, one image at a time."""
 
     def __init__(self, *, method: str, bits: int, backbone: BackboneSpec, head: nn.Module,
-                 training: dict[str, Any] | None = None, device: torch.device | str | None = None):
+                 training: dict[str, Any] | None = None, device: torch.device | str | None = None,
+                 backbone_state: dict[str, torch.Tensor] | None = None, stem_attention: str | None = None,
+                 training_arrays: dict[str, np.ndarray] | None = None):
         if bits % 8:
             raise EncoderError(f"bits must be a multiple of 8, got {bits}")
         self.method, self.bits, self.backbone_spec = method, int(bits), backbone
         self.head = head.eval()
         self.training = training or {}
+        # finetune mode: the trained backbone weights (None: the spec's pretrained weights)
+        self.backbone_state = None if backbone_state is None else {
+            k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}
+        self.stem_attention = stem_attention
+        # part of the training record, not of what the encoder computes (e.g. NRDH's stage-1 codes)
+        self.training_arrays = {k: np.ascontiguousarray(v) for k, v in (training_arrays or {}).items()}
         self._backbone: Backbone | None = None
         self._device = torch.device(device) if device is not None else None
 
     # -- identity ------------------------------------------------------------------------------
     @property
+    def finetuned(self) -> bool:
+        return self.backbone_state is not None
+
+    @property
     def config(self) -> dict:
-        return {
+        config = {
             "format_version": ENCODER_FORMAT_VERSION,
             "method": self.method,
             "bits": self.bits,
             "backbone": self.backbone_spec.to_dict(),
             "head": {"type": self.head.head_type, "kwargs": self.head.kwargs},
         }
+        if self.finetuned:
+            config["tuned_backbone"] = {"stem_attention": self.stem_attention}
+        return config
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """What the encoder computes with: the head's and (fine-tuned) the backbone's weights."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        for k, v in (self.backbone_state or {}).items():
+            tensors[_BACKBONE_PREFIX + k] = v
+        return tensors
 
     @property
     def id(self) -> str:
         h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
-        for name, tensor in sorted(self.head.state_dict().items()):
+        for name, tensor in sorted(self._tensors().items()):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            h.update(tensor.numpy().tobytes())
         return h.hexdigest()[:16]
 
     # -- encoding ------------------------------------------------------------------------------
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.backbone_spec, device=self._device or default_device())
+            self._backbone = load_backbone(self.backbone_spec, device=self._device or default_device(),
+                                           stem_attention=self.stem_attention, state=self.backbone_state)
             self.head.to(self._backbone.device)
         return self._backbone
 
     @torch.inference_mode()
     def encode_features(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Backbone features ``[n, d]`` → packed codes uint8 ``[n, bits/8]``."""
+        """Features of this encoder's backbone ``[n, d]`` → packed codes uint8 ``[n, bits/8]``.
+
+        For a fine-tuned encoder these are not the pretrained backbone's (cached) features: use
+        :meth:`encode_pixels`."""
         x = torch.as_tensor(features)
         device = next(self.head.parameters(), torch.empty(0)).device
         return pack_signs(self.head(x.to(device).float()))
@@ -117,7 +149,8 @@ class Encoder:
     def to_bytes(self) -> bytes:
         meta = {"config": self.config, "id": self.id, "training": self.training,
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        tensors = {**self._tensors(), **{_TRAINING_PREFIX + k: torch.from_numpy(v)
+                                         for k, v in self.training_arrays.items()}}
         return st_save(tensors, metadata={"hashindex_encoder": json.dumps(meta, default=str)})
 
     def save(self, path: str | os.PathLike) -> str:
@@ -147,9 +180,18 @@ class Encoder:
         if head_type not in HEADS:
             raise EncoderError(f"{name}: unknown head type {head_type!r}")
         head = HEADS[head_type](**config["head"]["kwargs"])
-        head.load_state_dict(tensors)
+        def prefixed(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        backbone_state = prefixed(_BACKBONE_PREFIX)
+        head.load_state_dict({k: v for k, v in tensors.items()
+                              if not k.startswith((_BACKBONE_PREFIX, _TRAINING_PREFIX))})
+        tuned = config.get("tuned_backbone")
         enc = cls(method=config["method"], bits=config["bits"], backbone=BackboneSpec(**config["backbone"]),
-                  head=head, training=meta.get("training"), device=device)
+                  head=head, training=meta.get("training"), device=device,
+                  backbone_state=backbone_state if tuned is not None else None,
+                  stem_attention=(tuned or {}).get("stem_attention"),
+                  training_arrays={k: v.numpy() for k, v in prefixed(_TRAINING_PREFIX).items()})
         if enc.id != meta["id"]:
             raise EncoderError(f"{name}: content does not match its id {meta['id']} (corrupted file?)")
         return enc
@@ -165,5 +207,6 @@ class Encoder:
         return cls.from_bytes(data, name=path)
 
     def __repr__(self) -> str:
+        tuned = ", fine-tuned" if self.finetuned else ""
         return (f"Encoder(method={self.method!r}, bits={self.bits}, backbone={self.backbone_spec.name!r}@"
-                f"{self.backbone_spec.image_size}px, id={self.id})")
+                f"{self.backbone_spec.image_size}px{tuned}, id={self.id})")

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from .backbones import BackboneSpec, default_device, load_backbone
 from .encoder import Encoder
 from .sources import Source
-from . import store
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 4096

@@ -363,6 +363,26 @@ def parse_list_file(text: str, name: str = "list file") -> tuple[list[str], np.n
     return ids, labels
 
 
+def read_tags(path: str, ids) -> np.ndarray:
+    """Multi-hot tags per image from a file of ``ID t1 t2 …`` lines (the list-file format, ids as
+    the source names its images): uint8 ``[len(ids), c]`` in the order of ``ids``.
+
+    An image of ``ids`` the file does not list is an error naming it (and how many are missing)."""
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read tags file ({exc})") from None
+    listed, tags = parse_list_file(text, name=path)
+    if tags is None:
+        raise SourceError(f"{path}: no tag columns (lines must be 'ID 0 1 0 …')")
+    row_of = {name: i for i, name in enumerate(listed)}
+    missing = [name for name in ids if name not in row_of]
+    if missing:
+        raise SourceError(f"{path}: no tags for {len(missing):,} of {len(ids):,} images, e.g. {missing[0]!r}")
+    return tags[[row_of[name] for name in ids]]
+
+
 # ----------------------------------------------------------------------------- recognition
 def open_source(spec: "str | Source", *, root: str | None = None) -> Source:
     """Turn a location into a :class:`Source`, recognising its kind.

@@ -1,4 +1,4 @@
-"""DPFAH: the SimAM module and the paper's network, and the head-mode trainer on real features."""
+"""DPFAH: the SimAM module and the head-mode trainer on real features (finetune mode: test_finetune)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import held_out_map
-from hashindex.backbones import BackboneError, BackboneSpec
+from hashindex.backbones import BackboneSpec
 from hashindex.encoder import Encoder
 from hashindex.methods import MethodError, create_method
-from hashindex.methods.dpfah import SimAM, build_network
+from hashindex.methods.dpfah import SimAM
 
 FAST = {"profile": "head-cpu", "epochs": 20}
 
@@ -25,29 +25,6 @@ def test_simam_matches_formula_and_has_no_parameters():
     got = SimAM(lam)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
     assert sum(p.numel() for p in SimAM().parameters()) == 0
-
-
-def test_network_forward_with_local_weights(tmp_path):
-    import torchvision
-    path = tmp_path / "resnet18.pth"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    net = build_network(str(path), bits=32, n_classes=10).eval()
-    with torch.inference_mode():
-        u, o = net(torch.randn(2, 3, 64, 64))
-    assert u.shape == (2, 32) and o.shape == (2, 10)
-    # SimAM (residual) sits right after the stem and adds nothing to ResNet18's parameter count
-    assert type(net.features[4].module) is SimAM
-    resnet = torchvision.models.resnet18(weights=None)
-    n_resnet = sum(p.numel() for p in resnet.parameters()) - sum(p.numel() for p in resnet.fc.parameters())
-    assert sum(p.numel() for p in net.features.parameters()) == n_resnet
-
-
-def test_network_without_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(BackboneError, match="needs a local weights file"):
-        build_network(None, bits=16, n_classes=10)
-    with pytest.raises(BackboneError, match="not found"):
-        build_network(str(tmp_path / "missing.pth"), bits=16, n_classes=10)
 
 
 # ----------------------------------------------------------------------------- head mode
@@ -118,17 +95,3 @@ def test_multi_hot_labels(fmnist_features):
     score = held_out_map(head, {**data, "train_labels": multi, "query_labels": q_multi})
     itq = held_out_map(create_method("itq", 32).fit(data["train"]), data)
     assert score > itq, (score, itq)
-
-
-def test_finetune_runs_end_to_end_on_pixels(tmp_path, fmnist_features):
-    import torchvision
-    from hashindex.methods.dpfah import finetune
-    path = tmp_path / "resnet18.pth"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    pixels, labels = fmnist_features["pixels"][:16], fmnist_features["labels"][:16]
-    net, history = finetune(pixels, labels, 16, str(path), image_size=32, steps=2, batch_size=8)
-    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
-    with torch.inference_mode():
-        u, o = net(torch.randn(3, 3, 32, 32))
-    assert u.shape == (3, 16) and o.shape == (3, len(np.unique(labels)))

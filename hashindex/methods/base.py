@@ -50,12 +50,26 @@ class HashMethod:
 
     name: ClassVar[str] = "base"
     needs_labels: ClassVar[bool] = False
+    can_finetune: ClassVar[bool] = False
+    stem_attention: ClassVar[str | None] = None  # module finetune mode puts after the backbone's stem
     profile: str = "paper"
 
     def __init__(self, bits: int, *, seed: int = 0):
         self.bits, self.seed = int(bits), int(seed)
 
-    def fit(self, features: np.ndarray, labels: np.ndarray | None = None) -> nn.Module:
+    def fit(self, features: np.ndarray, labels: np.ndarray | None = None, *, images=None, backbone=None) -> nn.Module:
+        """Train on ``features`` (one row per training image); returns the head.
+
+        Finetune mode: ``backbone`` (a :class:`~hashindex.backbones.Backbone`, trained in place) and
+        ``images`` (a callable from row positions of ``features`` to those images' decoded pixels)
+        train the backbone end to end with the head; ``features`` are then the pretrained backbone's,
+        which a method uses wherever its paper builds targets from pretrained features.
+        """
+        if (images is None) != (backbone is None):
+            raise MethodError(f"{self.name}: finetune mode needs both the images and the backbone")
+        if backbone is not None and not self.can_finetune:
+            raise MethodError(f"{self.name} has no backbone to fine-tune: it trains on features only (mode head)")
+        self.images_, self.backbone_ = images, backbone
         if self.bits <= 0 or self.bits % 8:
             raise MethodError(f"{self.name}: bits must be a positive multiple of 8, got {self.bits}")
         features = np.asarray(features, dtype=np.float32)
@@ -73,3 +87,7 @@ class HashMethod:
 
     def params(self) -> dict:
         return {"bits": self.bits, "seed": self.seed, "profile": self.profile}
+
+    def training_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays of the fitted training run worth keeping with the encoder's training record."""
+        return {}

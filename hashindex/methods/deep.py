@@ -2,6 +2,16 @@
 switchable weighted loss terms, progress and loss history. A method fills in :meth:`build` and
 :meth:`loss_terms` (and overrides :meth:`train_step` or :meth:`on_epoch_start` where its paper
 trains differently: meta-steps, adversaries, stages, per-epoch clustering).
+
+Two modes share the loop. **head** (the CPU default): the head trains on cached features of the
+frozen backbone. **finetune** (the papers' setting): each mini-batch's images go through the
+backbone with gradients, so backbone and head train end to end; the backbone's learning rate is
+``lr × backbone_lr_factor`` (0.1 unless configured: the usual 10× rate of a fresh hash layer over
+pretrained layers) and its batch-norm statistics stay frozen (eval mode), so small CPU batches do not
+disturb them. Either way ``reference_`` holds the pretrained features of every training image, which
+methods use where their paper builds targets from pretrained features (UHGA's similarity, NRDH's
+graphs, LAGNH's tags); :meth:`current_features` gives the features of the network being trained
+(UCSH's per-epoch clustering, LAGNH's anchors).
 """
 from __future__ import annotations
 
@@ -52,6 +62,7 @@ class DeepHashMethod(HashMethod):
     """
 
     loss_names: ClassVar[tuple[str, ...]] = ()
+    can_finetune = True
 
     def __init__(self, bits, *, seed=0, profile: str | None = None, config: str | None = None, **params):
         super().__init__(bits, seed=seed)
@@ -104,7 +115,37 @@ class DeepHashMethod(HashMethod):
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.config.get("weight_decay", 0.0))
 
     def on_epoch_start(self, epoch: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Hook for per-epoch work (re-clustering, re-estimating thresholds)."""
+        """Hook for per-epoch work (re-clustering, re-estimating thresholds); ``x``: pretrained features."""
+
+    # -- the two modes ---------------------------------------------------------------------------
+    @property
+    def finetuning(self) -> bool:
+        return getattr(self, "backbone_", None) is not None
+
+    def batch_features(self, idx: torch.Tensor) -> torch.Tensor:
+        """The head's input for training rows ``idx``: cached features, or (finetune) the backbone's
+        output on the rows' images, with gradients."""
+        if not self.finetuning:
+            return self.reference_[idx]
+        pixels = self.images_(idx.cpu().numpy())
+        return self.backbone_(self.backbone_.preprocess(pixels)).float()
+
+    @torch.no_grad()
+    def current_features(self, batch: int = 256) -> torch.Tensor:
+        """Features of every training image from the network as it is now."""
+        if not self.finetuning:
+            return self.reference_
+        rows = torch.arange(len(self.reference_))
+        return torch.cat([self.batch_features(rows[i:i + batch]) for i in range(0, len(rows), batch)])
+
+    def _parameter_groups(self) -> list[dict]:
+        groups = [{"params": self.parameters_to_train()}]
+        if self.finetuning:
+            backbone = list(self.backbone_.net.parameters())
+            for p in backbone:
+                p.requires_grad_(True)
+            groups.append({"params": backbone, "lr": float(self.lr) * float(self.config.get("backbone_lr_factor", 0.1))})
+        return groups
 
     # -- shared skeleton -----------------------------------------------------------------------
     def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -124,13 +165,17 @@ class DeepHashMethod(HashMethod):
         np.random.seed(self.seed)
         device = training_device()
         x = torch.from_numpy(features).to(device)
+        self.reference_ = x
+        if self.finetuning:
+            self.backbone_.to(device).eval()  # eval: batch-norm statistics stay the pretrained ones
         y = None if labels is None else torch.from_numpy(np.asarray(labels)).to(device)
         self.head_ = self.build(x, y).to(device)
-        self.optimizer_ = self.make_optimizer(self.parameters_to_train())
+        self.optimizer_ = self.make_optimizer(self._parameter_groups())
         generator = torch.Generator().manual_seed(self.seed)
         self.history_ = []
         batch = int(self.batch_size)
-        bar = tqdm(range(int(self.epochs)), desc=f"train {self.name} {self.bits} bits", file=sys.stderr,
+        mode = "finetune" if self.finetuning else "head"
+        bar = tqdm(range(int(self.epochs)), desc=f"train {self.name} {self.bits} bits ({mode})", file=sys.stderr,
                    mininterval=1.0, dynamic_ncols=True)
         for epoch in bar:
             self.head_.train()
@@ -141,10 +186,13 @@ class DeepHashMethod(HashMethod):
             if len(batches) > 1 and len(batches[-1]) < 2:  # a single-row batch has no pairs
                 batches = batches[:-1]
             for idx in batches:
-                for key, value in self.train_step(idx, x[idx], None if y is None else y[idx]).items():
+                for key, value in self.train_step(idx, self.batch_features(idx), None if y is None else y[idx]).items():
                     sums[key] = sums.get(key, 0.0) + value
             means = {k: v / len(batches) for k, v in sums.items()}
             self.history_.append(means)
             bar.set_postfix(loss=f"{means['loss']:.4f}")
             log.info("%s epoch %d: %s", self.name, epoch + 1, means)
+        if self.finetuning:
+            self.backbone_.requires_grad_(False)
         return self.head_.eval().cpu()
+

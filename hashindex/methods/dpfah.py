@@ -21,13 +21,14 @@ made ``η = 10`` swamp ``L1`` (the pair loss rose during training; mAP 0.527 aga
 
 Two modes:
 
-- **head** (:class:`DPFAH`, the registered method): on cached pooled features of the frozen default
-  backbone. The stem-level SimAM cannot act on pooled features, so head mode trains the two
-  branches on the features. Optionally (``adapter``) a trainable layer shared by both branches
-  stands in for the backbone's trainable last stage; without it the classifier shares no parameter
-  with the hash layer and ``L3`` cannot change the codes.
-- **finetune** (:func:`build_network`, :func:`finetune`): the paper's ResNet18 + SimAM network trained
-  end to end on pixels; needs a local ResNet18 weights file.
+- **head** (the CPU default): on cached pooled features of the frozen backbone. The stem-level SimAM
+  cannot act on pooled features, so head mode trains the two branches on the features. Optionally
+  (``adapter``) a trainable layer shared by both branches stands in for the backbone's trainable
+  last stage; without it the classifier shares no parameter with the hash layer and ``L3`` cannot
+  change the codes.
+- **finetune**: the backbone with ``X + SimAM(X)`` after its stem, trained end to end with both
+  branches. With ``--backbone resnet18 --weights FILE`` this is the paper's network; with the
+  default EfficientNet-Lite0 the attention follows its stem (conv, BN, ReLU6) the same way.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import BackboneSpec, _torchvision, resolve_spec
+from ..backbones import STEM_ATTENTIONS
 from .base import MethodError, register_method
 from .common import MLPHead, label_similarity, off_diagonal, sign
 from .deep import DeepHashMethod
@@ -76,34 +77,7 @@ class _Residual(nn.Module):
         return x + self.module(x)
 
 
-class DPFAHNetwork(nn.Module):
-    """ResNet18 stem → ``X + SimAM(X)`` → residual stages → pooled 512-d ``φ`` → (hash ``u``, class ``o``).
-
-    ``forward`` returns ``(u, o)``; bits are ``sign(u)``. Input: normalised ``[B, 3, H, W]``.
-    """
-
-    def __init__(self, resnet: nn.Module, bits: int, n_classes: int, lam: float = 1e-4):
-        super().__init__()
-        r = resnet
-        self.features = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, _Residual(SimAM(lam)),
-                                      r.layer1, r.layer2, r.layer3, r.layer4, r.avgpool, nn.Flatten(1))
-        dim = r.fc.in_features
-        self.hash_layer = nn.Linear(dim, bits)
-        self.classifier = nn.Linear(dim, n_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        phi = self.features(x)
-        return self.hash_layer(phi), self.classifier(phi)
-
-
-def build_network(weights: str | None, bits: int, n_classes: int, *, lam: float = 1e-4) -> DPFAHNetwork:
-    """The paper's finetune-mode network from a local torchvision ResNet18 state dict.
-
-    Raises :class:`~hashindex.backbones.BackboneError` when ``weights`` is missing or does not fit:
-    nothing is downloaded.
-    """
-    spec = resolve_spec(BackboneSpec("resnet18", 224, weights))
-    return DPFAHNetwork(_torchvision("resnet18", spec.weights), int(bits), int(n_classes), lam)
+STEM_ATTENTIONS["simam"] = lambda: _Residual(SimAM())
 
 
 # ----------------------------------------------------------------------------- losses
@@ -182,6 +156,7 @@ class DPFAH(DeepHashMethod):
 
     needs_labels = True
     loss_names = ("pairwise", "quantization", "classwise")
+    stem_attention = "simam"
 
     def build(self, x, y):
         targets, n_classes = _class_targets(y.cpu().numpy(), len(x), self.name)
@@ -231,54 +206,3 @@ class DPFAH(DeepHashMethod):
             first.bias -= w @ self.shift_.cpu()
             first.weight.copy_(w)
         return head
-
-
-# ----------------------------------------------------------------------------- finetune mode
-_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0
-_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0
-
-
-def _pixels_to_input(pixels: np.ndarray, image_size: int) -> torch.Tensor:
-    """uint8 RGB ``[n, H, W, 3]`` → resized, ImageNet-normalised ``[n, 3, S, S]``."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    return (x - _IMAGENET_MEAN) / _IMAGENET_STD
-
-
-def finetune(pixels: np.ndarray, labels: np.ndarray, bits: int, weights: str, *, image_size: int = 64,
-             steps: int = 10, batch_size: int = 128, lr: float = 5e-5, weight_decay: float = 1e-5,
-             loss_weights: dict | None = None, delta: float = 1.1, seed: int = 0
-             ) -> tuple[DPFAHNetwork, list[dict]]:
-    """Train the paper's whole network (ResNet18 + SimAM + both branches) on decoded images.
-
-    The paper's mode; on CPU it runs, slowly (meant for a few steps here, a GPU for real training).
-    Returns the network (``net(x)[0]`` are the real-valued codes) and the per-step loss history.
-    The result is not an :class:`~hashindex.encoder.Encoder`: the encoder file format carries head
-    weights only, not trained backbone weights.
-    """
-    pixels = np.asarray(pixels)
-    if pixels.ndim != 4 or pixels.shape[-1] != 3:
-        raise MethodError(f"dpfah finetune: pixels must be uint8 RGB [n, H, W, 3] of one size, got {pixels.shape}")
-    targets, n_classes = _class_targets(labels, len(pixels), "dpfah finetune")
-    weights_ = {"pairwise": 1.0, "quantization": 10.0, "classwise": 0.1, **(loss_weights or {})}
-    torch.manual_seed(seed)
-    net = build_network(weights, bits, n_classes)
-    opt = torch.optim.RMSprop(net.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    label_t, target_t = torch.from_numpy(np.asarray(labels)), torch.from_numpy(targets)
-    history = []
-    net.train()
-    for _ in range(int(steps)):
-        idx = torch.randperm(len(pixels), generator=generator)[:batch_size]
-        u, o = net(_pixels_to_input(pixels[idx.numpy()], image_size))
-        fu = relax(u, delta)
-        terms = {"pairwise": pairwise_nll(fu, label_similarity(label_t[idx])),
-                 "quantization": quantization_regulation(u, fu),
-                 "classwise": classwise_loss(o, target_t[idx])}
-        loss = sum(weights_[k] * v for k, v in terms.items() if weights_[k] != 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
-    return net.eval(), history

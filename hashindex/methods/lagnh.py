@@ -209,7 +209,7 @@ class LAGNH(DeepHashMethod):
 
     loss_names = ("reconstruction", "quantization", "adversarial", "semantic")
 
-    def fit(self, features, labels=None, tags=None):
+    def fit(self, features, labels=None, tags=None, **mode):
         if tags is not None:
             tags = np.asarray(tags)
             if tags.ndim != 2 or len(tags) != len(features):
@@ -218,7 +218,7 @@ class LAGNH(DeepHashMethod):
             if (tags.sum(1) == 0).any():
                 raise MethodError("lagnh: every image needs at least one tag (rows of zeros found)")
         self.user_tags_ = tags
-        return super().fit(features, labels)
+        return super().fit(features, labels, **mode)
 
     # -- setup ---------------------------------------------------------------------------------
     def _tagger(self, in_dim: int) -> nn.Linear:
@@ -322,7 +322,8 @@ class LAGNH(DeepHashMethod):
             head.sigma2.fill_(self.sigma2_sum_ / self.sigma2_count_)
         elif self.sigma2 != "auto":
             head.sigma2.fill_(float(self.sigma2))
-        self._fix_anchors(head, torch.from_numpy(features), self.tags_.cpu())
+        # the anchors' features come from the final network, as a new image's will
+        self._fix_anchors(head, self.current_features().cpu(), self.tags_.cpu())
         self.tags_ = self.tags_.cpu()
         return head
 

@@ -8,14 +8,13 @@ Stage 2 fits the hash network ``fc`` (``out→256→64→g``, LeakyReLU+BN) to t
 plus a BCE term pushing ``tanh(fc(x))`` to its own signs. Only stage 2 is needed to encode an image,
 so the encoder holds a plain :class:`~hashindex.methods.common.MLPHead`.
 
-Head mode: both stages run on frozen backbone features. The stage-1 representations stay on the
-method object (``node_representations_``) and :meth:`NRDH.params` (the encoder's training record)
-carries their shape and a SHA-256 of their float32 bytes, so a saved copy can be matched to the
-encoder that was trained from it.
+Stage 1 runs on the pretrained backbone features in both modes; in finetune mode stage 2 trains the
+backbone with the hash network. The stage-1 representations are kept on the method object
+(``node_representations_``) and saved in the encoder file beside its training record
+(``encoder.training_arrays["node_representations"]``, one row per training image).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 
@@ -232,12 +231,8 @@ class NRDH(DeepHashMethod):
         finally:
             del self.targets_
 
-    def params(self) -> dict:
-        record = super().params()
+    def training_arrays(self) -> dict[str, np.ndarray]:
+        """Stage 1's node representation of every training image (row order of the training features):
+        saved in the encoder file with its training record."""
         reps = getattr(self, "node_representations_", None)
-        if reps is not None:
-            record["node_representations"] = {
-                "shape": list(reps.shape), "dtype": "float32",
-                "sha256": hashlib.sha256(np.ascontiguousarray(reps, np.float32).tobytes()).hexdigest(),
-                "where": "NRDH.node_representations_ of the fitted method object"}
-        return record
+        return {} if reps is None else {"node_representations": np.ascontiguousarray(reps, np.float32)}

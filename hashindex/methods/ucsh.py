@@ -135,6 +135,7 @@ class UCSH(DeepHashMethod):
             for group in self.optimizer_.param_groups:
                 group["lr"] = self.lr * float(self.lr_decay) ** (epoch // every)
         with torch.no_grad():
+            x = self.current_features()  # the paper clusters the features of the network being trained
             features = torch.cat([self.adapt(x[i:i + 2048]) for i in range(0, len(x), 2048)])
             self.centers_, assignment = kmeans(features, int(self.n_clusters),
                                                iterations=int(self.kmeans_iterations),

@@ -116,7 +116,7 @@ class UHGA(DeepHashMethod):
         return (weight * (inner - target) ** 2).mean()
 
     def loss_terms(self, idx, x, y):
-        weight, target = self.pair_targets(x)
+        weight, target = self.pair_targets(self.reference_[idx])  # S from the pretrained features
         return {"pairwise": self.pairwise_loss(self.head_(x), weight, target)}
 
     # -- gradient attention ----------------------------------------------------------------------
@@ -142,13 +142,22 @@ class UHGA(DeepHashMethod):
         if not self.gradient_attention:
             return super().train_step(idx, x, y)
         names, params = zip(*[(name, p) for name, p in self.head_.named_parameters()])
-        weight, target = self.pair_targets(x)
+        weight, target = self.pair_targets(self.reference_[idx])
         h = self.head_(x)
         loss_weight = self.config["loss_weights"]["pairwise"]
         loss = self.pairwise_loss(h, weight, target)
         # g(φ): the weighted code derivative back-propagated into θ, kept differentiable in φ
         code_grad = loss_weight * self.attended_code_gradient(h.detach(), weight, target)
-        grads = torch.autograd.grad(h, params, grad_outputs=code_grad, create_graph=True)
+        grads = torch.autograd.grad(h, params, grad_outputs=code_grad, create_graph=True,
+                                    retain_graph=self.finetuning)
+        if self.finetuning:
+            # the backbone takes the attended gradient too; the virtual step below looks ahead over the
+            # hash layers only (a second-order step through the CNN is out of reach on a CPU)
+            backbone = [p for p in self.backbone_.net.parameters()]
+            for p, g in zip(backbone, torch.autograd.grad(h, backbone, grad_outputs=code_grad.detach(),
+                                                          allow_unused=True)):
+                p.grad = g  # None for layers the features do not use (the ImageNet classifier)
+        x = x.detach()
         # virtual step θ⁺ = θ − α g(φ), then φ minimises l(θ⁺) (Eq. 18–19)
         step = float(self.config.get("virtual_lr") or self.lr)
         virtual = {name: p.detach() - step * g for name, p, g in zip(names, params, grads)}
