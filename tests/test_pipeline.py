@@ -12,8 +12,6 @@ import zarr
 import hashindex
 from hashindex import store
 from hashindex.build import encode_images
-from hashindex.encoder import Encoder
-from hashindex.sources import open_source
 
 
 @pytest.fixture(scope="module")
