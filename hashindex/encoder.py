@@ -26,6 +26,7 @@ from .errors import HashindexError
 from .backbones import Backbone, BackboneSpec, default_device, load_backbone
 
 ENCODER_FORMAT_VERSION = 1
+ENCODE_BLOCK_ROWS = 4096
 _BACKBONE_PREFIX = "backbone/"
 _TRAINING_PREFIX = "training/"
 HEADS: dict[str, type[nn.Module]] = {}
@@ -137,7 +138,9 @@ class Encoder:
         :meth:`encode_pixels`."""
         x = torch.as_tensor(features)
         device = next(self.head.parameters(), torch.empty(0)).device
-        return pack_signs(self.head(x.to(device).float()))
+        # in blocks: a head's working memory (LAGNH's anchor graph) stays bounded whatever n is
+        return np.concatenate([pack_signs(self.head(x[i:i + ENCODE_BLOCK_ROWS].to(device).float()))
+                               for i in range(0, len(x), ENCODE_BLOCK_ROWS)] or [np.zeros((0, self.bits // 8), np.uint8)])
 
     def encode_pixels(self, pixels, batch_size: int = 256) -> np.ndarray:
         """Decoded RGB images (array ``[n, H, W, 3]`` or list of arrays) → packed codes."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["plot_bars", "plot_pr_curves", "plot_precision_at_n"]
+__all__ = ["plot_bars", "plot_grouped_bars", "plot_lines", "plot_pr_curves", "plot_precision_at_n"]
 
 
 def _save(fig: Figure, path) -> Path:
@@ -108,4 +108,49 @@ def plot_bars(values: dict, path, title: str, ylabel: str) -> Path:
     bars = ax.bar(labels, [float(v) for v in values.values()])
     ax.bar_label(bars, fmt="%.3f")
     ax.tick_params(axis="x", labelrotation=30 if len(labels) > 4 else 0)
+    return _save(fig, path)
+
+
+def plot_lines(series: dict, path, title: str, xlabel: str, ylabel: str, *, logy: bool = False) -> Path:
+    """One line per label through ``{x: y}`` points (e.g. mAP against code length per method).
+
+    Parameters
+    ----------
+    series : dict of str to dict
+        ``{label: {x: y}}``; x values are drawn in sorted order.
+    path : str or Path
+        Output PNG file; parent directories are created.
+    title, xlabel, ylabel : str
+    logy : bool
+        Logarithmic y axis (for times spanning orders of magnitude).
+    """
+    fig, ax = _axes(title, xlabel, ylabel)
+    for label, points in series.items():
+        xs = sorted(points, key=float)
+        ax.plot([float(x) for x in xs], [points[x] for x in xs], marker="o", label=str(label))
+    xs = sorted({float(x) for points in series.values() for x in points})
+    if xs:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    if logy:
+        ax.set_yscale("log")
+    if series:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_grouped_bars(groups: dict, path, title: str, ylabel: str, *, logy: bool = False) -> Path:
+    """Bars grouped by the outer key, one colour per inner key: ``{group: {series: value}}``
+    (e.g. training time per method, one bar per code length)."""
+    fig, ax = _axes(title, "", ylabel)
+    names = list(groups)
+    series = list(dict.fromkeys(s for values in groups.values() for s in values))
+    width = 0.8 / max(len(series), 1)
+    for i, s in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(names))]
+        ax.bar(xs, [float(groups[n].get(s, np.nan)) for n in names], width, label=str(s))
+    ax.set_xticks(range(len(names)), names)
+    if logy:
+        ax.set_yscale("log")
+    if series:
+        ax.legend()
     return _save(fig, path)

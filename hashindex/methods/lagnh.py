@@ -155,8 +155,9 @@ class LAGNHHead(nn.Module):
         ids, self_weight, anchor_weight = self._local_graph(
             self.similarity(xt, tags, self.anchor_features, self.anchor_tags if tags is not None else None))
         w1, w2 = self.gcn1.weight.double(), self.gcn2.weight.double()
+        anchor_xw = self.anchor_features @ w1.T  # once for all anchors, then gathered per neighbour
         hidden = torch.relu(self_weight[:, None] * (xt @ w1.T)
-                            + (anchor_weight[:, :, None] * (self.anchor_features[ids] @ w1.T)).sum(1))
+                            + (anchor_weight[:, :, None] * anchor_xw[ids]).sum(1))
         mixed = self_weight[:, None] * hidden + (anchor_weight[:, :, None] * self.anchor_hidden[ids]).sum(1)
         return torch.tanh(mixed @ w2.T)
 
