@@ -13,7 +13,8 @@ from .build import cached_features, encode, protocol_split, train_encoder
 from .encoder import Encoder
 from .index import Index, open, write_index
 from .sources import open_source
+from .update import update
 
 __version__ = "0.1.0"
 __all__ = ["Index", "Encoder", "BackboneSpec", "open", "write_index", "encode", "train_encoder",
-           "cached_features", "protocol_split", "open_source", "create_backbone", "metrics"]
+           "cached_features", "protocol_split", "open_source", "create_backbone", "metrics", "update"]

@@ -191,7 +191,7 @@ def encode(source, encoder: "Encoder | str", out: str, *, chunk_rows: int | None
     started = time.perf_counter()
     group = store.create_version(
         location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels, output=("codes", enc.bits // 8, "uint8"),
-        encoder_bytes=enc.to_bytes(),
+        encoder_bytes=enc.to_bytes(), stamps=src.stamps(),
         attrs={"build_key": key, "bits": enc.bits, "encoder_id": enc.id, "encoder_config": enc.config,
                "source": src.describe(), "source_fingerprint": fingerprint})
     if not group.attrs.get("complete"):

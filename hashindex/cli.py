@@ -61,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, help="images per task and Zarr chunk (default: 4096, fewer for small sources)")
     _add_cluster_args(p)
 
+    p = sub.add_parser("update", help="bring an index up to date with its source (the nightly job)")
+    p.add_argument("--encoder", required=True, help="encoder file (a different encoder re-encodes everything)")
+    p.add_argument("--source", required=True)
+    p.add_argument("--root", help="folder that a list file's paths are relative to")
+    p.add_argument("--out", required=True, help="index folder or fsspec URL (created when missing)")
+    p.add_argument("--keep", type=int, default=3, help="complete versions to keep (default: %(default)s)")
+    p.add_argument("--chunk-rows", type=int, help="images per task for a new index (an update keeps the index's)")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    _add_cluster_args(p)
+
     p = sub.add_parser("query", help="search an index")
     p.add_argument("index")
     what = p.add_mutually_exclusive_group(required=True)
@@ -151,6 +161,26 @@ def _encode(args) -> None:
         print(f"  … and {len(index.rejects) - 20} more (hashindex info {args.out} --json)")
 
 
+def _update(args) -> None:
+    from .encoder import Encoder
+    from .sources import open_source
+    from .update import update
+
+    encoder = Encoder.load(args.encoder)
+    source = open_source(args.source, root=args.root)
+    result = update(source, encoder, args.out, keep=args.keep, chunk_rows=args.chunk_rows,
+                    scheduler=args.scheduler, n_workers=args.workers)
+    if args.json:
+        print(json.dumps({"action": result.action, "version": result.index.version, "added": result.added,
+                          "changed": result.changed, "removed": result.removed, "unchanged": result.unchanged,
+                          "rejected": result.rejected, "seconds": round(result.seconds, 2),
+                          "pruned": result.pruned}, indent=1))
+        return
+    print(result.summary())
+    for name in result.pruned:
+        print(f"  deleted old version {name}")
+
+
 def parse_hex_codes(codes: list[str], bits: int) -> np.ndarray:
     """Hex strings → packed uint8 codes, each exactly ``bits`` long."""
     out = []
@@ -215,13 +245,21 @@ def _info(args) -> None:
     config = info.get("encoder_config") or {}
     backbone = config.get("backbone") or {}
     print(f"index     {info['path']}  (version {info['version']})")
-    print(f"rows      {info['rows']:,}  searchable {info['searchable']:,}  rejected {len(rejects):,}")
+    print(f"rows      {info['rows']:,}  searchable {info['searchable']:,}  rejected {len(rejects):,}  "
+          f"removed {int(index.removed.sum()):,}")
     print(f"bits      {info['bits']}  searcher {info['searcher']}")
     if config:
         print(f"encoder   {info.get('encoder_id')}  method {config.get('method')}  backbone "
               f"{backbone.get('name')} @ {backbone.get('image_size')} px")
     print(f"source    {info.get('source', '?')}")
     print(f"created   {info.get('created')}  finished {info.get('finished')}")
+    if info["versions"]:
+        print("versions  (newest first; * = published)")
+        for v in info["versions"]:
+            state = "" if v["complete"] else "  (unfinished build)"
+            print(f"  {'*' if v['current'] else ' '} {v['name']}  {v['finished'] or v['created'] or '?'}  "
+                  f"rows {v['rows'] if v['rows'] is not None else '?':,}  removed {v['removed'] or 0:,}  "
+                  f"encoder {v['encoder_id']}{state}")
 
 
 def _eval(args) -> None:
@@ -234,7 +272,7 @@ def _eval(args) -> None:
             raise HashindexError(f"{idx.path}: the {name} index has no labels to evaluate with")
     if database.bits != queries.bits:
         raise HashindexError(f"the query index has {queries.bits}-bit codes, the database {database.bits}")
-    qv, dv = queries.valid, database.valid
+    qv, dv = queries.searchable, database.searchable
     result = metrics.evaluate(queries.codes[qv], database.codes[dv], queries.labels[qv], database.labels[dv],
                               topks=(None, args.topk))
     summary = {"queries": int(qv.sum()), "database": int(dv.sum()), "bits": database.bits,
@@ -247,7 +285,7 @@ def _eval(args) -> None:
             print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
 
 
-COMMANDS = {"train": _train, "encode": _encode, "query": _query, "info": _info, "eval": _eval}
+COMMANDS = {"train": _train, "encode": _encode, "update": _update, "query": _query, "info": _info, "eval": _eval}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,8 +28,9 @@ def choose_searcher(ntotal: int, bits: int) -> str:
 class Index:
     """One published version of an index, loaded for search.
 
-    Holds the packed codes of the valid rows in memory (and nothing bigger): ``search`` and
-    ``radius_search`` return row positions in the stored arrays, so ``index.ids[I]`` names the images.
+    Holds the packed codes of the searchable rows (valid, not removed) in memory and nothing bigger:
+    ``search`` and ``radius_search`` return row positions in the stored arrays, so ``index.ids[I]``
+    names the images.
     """
 
     def __init__(self, path: str, group, version: str | None, searcher: str = "auto"):
@@ -54,6 +55,13 @@ class Index:
         return self._group["valid"][:]
 
     @cached_property
+    def removed(self) -> np.ndarray:
+        """Tombstones: rows whose image left the source (``hashindex update``); never searched."""
+        if "removed" in self._group:
+            return self._group["removed"][:]
+        return np.zeros(len(self), bool)
+
+    @cached_property
     def labels(self) -> np.ndarray | None:
         return self._group["labels"][:] if "labels" in self._group else None
 
@@ -65,13 +73,18 @@ class Index:
     def __len__(self) -> int:
         return int(self.attrs["count"])
 
+    @property
+    def searchable(self) -> np.ndarray:
+        """bool ``[N]``: rows that take part in search (decoded, not removed)."""
+        return self.valid & ~self.removed
+
     @cached_property
     def _valid_rows(self) -> np.ndarray:
-        return np.flatnonzero(self.valid).astype(np.int64)
+        return np.flatnonzero(self.searchable).astype(np.int64)
 
     @property
     def rejects(self) -> list[tuple[str, str]]:
-        rows = np.flatnonzero(~self.valid)
+        rows = np.flatnonzero(~self.valid & ~self.removed)
         reasons = self._group["reason"][:]
         return [(self.ids[r], str(reasons[r])) for r in rows]
 
@@ -118,7 +131,8 @@ class Index:
 
     @cached_property
     def _row_of_id(self) -> dict[str, int]:
-        return {name: row for row, name in enumerate(self.ids)}
+        live = ~self.removed  # a removed image's id may come back as a new row
+        return {name: int(row) for row, name in zip(np.flatnonzero(live), self.ids[live])}
 
     def rows_of(self, ids) -> np.ndarray:
         """Row positions of the given ids; an unknown id is an error naming it."""
@@ -131,7 +145,9 @@ class Index:
 
     def info(self) -> dict:
         return {"path": self.path, "version": self.version, "bits": self.bits, "rows": len(self),
-                "searchable": self.ntotal, "searcher": self.searcher, **{k: v for k, v in self.attrs.items() if k not in ("bits",)}}
+                "searchable": self.ntotal, "searcher": self.searcher,
+                **{k: v for k, v in self.attrs.items() if k not in ("bits",)},
+                "versions": store.list_versions(self.path) if self.version else []}
 
     def __repr__(self) -> str:
         return f"Index({self.path!r}, version={self.version!r}, bits={self.bits}, rows={len(self):,})"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .backbones import BackboneSpec, default_device, load_backbone
 from .encoder import Encoder
 from .sources import Source
+from . import store
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 4096
@@ -92,23 +93,52 @@ def worker_device() -> torch.device:
         return device
 
 
-def _run_chunk(reader, transform, location: str, start: int, chunk_index: int, width: int, dtype: str,
+@dataclass(frozen=True)
+class ChunkTask:
+    """One task's rows: Zarr chunk ``chunk`` spans rows ``[start, stop)`` of the version. ``positions``
+    are the rows it (re)computes from the source (None: all of them, in source order); its other
+    rows are copied from version ``base`` (an update) or left empty."""
+
+    chunk: int
+    start: int
+    stop: int
+    source_rows: np.ndarray
+    positions: np.ndarray | None = None
+
+
+def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | None, width: int, dtype: str,
                torch_threads: int) -> tuple[int, int]:
-    """One task: decode → transform → write region → mark done. Returns (ok, rejected) counts."""
+    """One task: decode → transform → write the chunk's region → mark it done. Returns (ok, rejected)."""
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
-    decoded = reader()
-    n = len(decoded.ok)
+    n = task.stop - task.start
     values = np.zeros((n, width), dtype=dtype)
-    if decoded.ok.any():
-        values[decoded.ok] = transform(decoded.pixels)
+    valid = np.zeros(n, dtype=bool)
+    reasons = np.full(n, "", dtype=object)
+    if base is not None:  # rows kept from the base version
+        old = zarr.open_group(base, mode="r")
+        keep = max(0, min(task.stop, old[transform.output].shape[0]) - task.start)
+        if keep:
+            values[:keep] = old[transform.output][task.start:task.start + keep]
+            valid[:keep] = old["valid"][task.start:task.start + keep]
+            reasons[:keep] = old["reason"][task.start:task.start + keep]
+    ok = rejected = 0
+    if reader is not None:
+        decoded = reader()
+        local = np.arange(n) if task.positions is None else task.positions - task.start
+        if decoded.ok.any():
+            values[local[decoded.ok]] = transform(decoded.pixels)
+        values[local[~decoded.ok]] = 0
+        valid[local] = decoded.ok
+        reasons[local] = np.asarray(decoded.reasons, dtype=object)
+        ok, rejected = int(decoded.ok.sum()), int((~decoded.ok).sum())
     group = zarr.open_group(location, mode="r+")
-    stop = start + n
-    group[transform.output][start:stop] = values
-    group["valid"][start:stop] = decoded.ok
-    group["reason"][start:stop] = np.asarray(decoded.reasons, dtype=object)
-    group["chunk_done"][chunk_index] = 1
-    return int(decoded.ok.sum()), int(n - decoded.ok.sum())
+    with store.writing(location, f"writing rows {task.start}–{task.stop}"):
+        group[transform.output][task.start:task.stop] = values
+        group["valid"][task.start:task.stop] = valid
+        group["reason"][task.start:task.stop] = reasons
+        group["chunk_done"][task.chunk] = 1
+    return ok, rejected
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -133,29 +163,37 @@ def build_key(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
+def full_plan(n: int, chunk_rows: int) -> list[ChunkTask]:
+    """Every chunk of a fresh build: chunk c computes source rows ``[c·R, (c+1)·R)``."""
+    return [ChunkTask(c, start, min(n, start + chunk_rows), np.arange(start, min(n, start + chunk_rows)))
+            for c, start in enumerate(range(0, max(n, 1), chunk_rows))]
+
+
 def run_chunks(client, source: Source, group: zarr.Group, location: str, transform, *,
+               plan: list[ChunkTask] | None = None, base: str | None = None,
                torch_threads: int = 1, desc: str = "encoding") -> dict:
-    """Run every not-yet-done chunk of ``source`` into ``group`` on the cluster; returns counts."""
+    """Run every not-yet-done task of ``plan`` (default: the whole source) into ``group`` on the
+    cluster; returns counts. Each task owns one Zarr chunk, so no two tasks write the same object."""
     from dask.distributed import as_completed
 
-    rows = group.attrs["chunk_rows"]
-    n = len(source)
+    plan = plan if plan is not None else full_plan(len(source), group.attrs["chunk_rows"])
     done = group["chunk_done"][:]
-    todo = [c for c in range(len(done)) if not done[c]]
+    todo = [t for t in plan if not done[t.chunk]]
     width, dtype = group[transform.output].shape[1], str(group[transform.output].dtype)
-    if len(todo) < len(done):
-        log.info("resuming %s: %d of %d chunks already written", location, len(done) - len(todo), len(done))
+    if len(todo) < len(plan):
+        log.info("resuming %s: %d of %d chunks already written", location, len(plan) - len(todo), len(plan))
     futures = []
-    for c in todo:
-        start, stop = c * rows, min(n, (c + 1) * rows)
-        reader = source.reader(np.arange(start, stop, dtype=np.int64))
-        futures.append(client.submit(_run_chunk, reader, transform, location, start, c, width, dtype,
-                                     torch_threads, key=f"{desc}-{os.path.basename(location)}-{c}", pure=False))
+    for task in todo:
+        reader = source.reader(task.source_rows) if len(task.source_rows) else None
+        futures.append(client.submit(_run_chunk, reader, transform, location, task, base, width, dtype,
+                                     torch_threads, key=f"{desc}-{os.path.basename(location)}-{task.chunk}",
+                                     pure=False))
+    total = sum(len(t.source_rows) for t in plan)
     ok = rejected = 0
-    with tqdm(total=n, initial=n - sum(min(n, (c + 1) * rows) - c * rows for c in todo), desc=desc,
-              unit="img", file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=total - sum(len(t.source_rows) for t in todo), desc=desc, unit="img",
+              file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
         for future in as_completed(futures):
             good, bad = future.result()
             ok, rejected = ok + good, rejected + bad
             bar.update(good + bad)
-    return {"chunks": len(done), "chunks_run": len(todo), "ok": ok, "rejected": rejected}
+    return {"chunks": len(plan), "chunks_run": len(todo), "ok": ok, "rejected": rejected}

@@ -6,18 +6,22 @@ Layout of an index ``INDEX`` (a local folder or an fsspec URL)::
     INDEX/<version>/          one Zarr group per version:
         codes    uint8 [N, bits/8]   packed bits, numpy.packbits order, bit 1 ⇔ +1; chunked by rows
         ids      str   [N]           the source's name of each image
-        valid    bool  [N]           False for rejected images (and, later, tombstones)
+        valid    bool  [N]           False for rejected images
         reason   str   [N]           why a row was rejected ("" if valid)
+        removed  bool  [N]           tombstones: images gone from the source since (never searched)
+        stamp    uint64 [N]          per-image change stamp of the source (``hashindex update``)
         labels   int64 [N] or uint8 [N, C]   when the source has labels
         encoder  uint8 [nbytes]      the encoder file, so ``query --image`` needs nothing else
         chunk_done uint8 [n_chunks]  build bookkeeping: which row chunks are written (resume)
         attrs:   format, format_version, bits, count, encoder_id, encoder_config, created, complete, …
 
 A version is written in place under its own name while ``CURRENT`` still names the old one; readers
-only ever follow ``CURRENT``, so a half-written version is never visible.
+only ever follow ``CURRENT``, so a half-written version is never visible. Format version 2 added
+``removed`` and ``stamp``; version 1 indexes read as having neither.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -29,7 +33,7 @@ import zarr
 from .errors import HashindexError
 
 FORMAT = "hashindex"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 POINTER = "CURRENT"
 
 
@@ -57,19 +61,36 @@ def write_pointer(index: str, version: str) -> None:
     """Point readers at ``version``: a rename on local disks, one object PUT on object stores."""
     fs, path = fsspec.core.url_to_fs(index)
     target = _join(path, POINTER)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "w") as f:
-            f.write(version + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    else:
-        fs.pipe_file(target, (version + "\n").encode())
+    with writing(index, "publishing version " + version):
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "w") as f:
+                    f.write(version + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            fs.pipe_file(target, (version + "\n").encode())
+
+
+@contextlib.contextmanager
+def writing(location: str, what: str):
+    """Turn a failed write (read-only, full disk, no permission) into one clear error naming the place."""
+    try:
+        yield
+    except OSError as exc:
+        published = read_pointer(location.rsplit("/", 1)[0]) or read_pointer(location)
+        kept = f"; the published version {published} is unchanged" if published else ""
+        raise StoreError(f"{location}: cannot write ({exc.strerror or exc}) while {what}{kept}") from None
 
 
 def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: tuple[str, int, str],
                    labels: np.ndarray | None = None, encoder_bytes: bytes | None = None,
+                   stamps: np.ndarray | None = None, removed: np.ndarray | None = None,
                    attrs: dict | None = None) -> zarr.Group:
     """Create (or reopen, to resume) a Zarr group of rows not yet written.
 
@@ -83,6 +104,11 @@ def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: t
             return group  # resume: same build, keep what is written
     except FileNotFoundError:  # zarr's GroupNotFoundError is one too
         pass
+    with writing(location, "creating the version"):
+        return _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, removed, attrs)
+
+
+def _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, removed, attrs) -> zarr.Group:
     n = len(ids)
     group = zarr.open_group(location, mode="w")
     rows = max(1, min(chunk_rows, n))
@@ -99,6 +125,12 @@ def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: t
         enc = np.frombuffer(encoder_bytes, dtype=np.uint8)
         group.create_array("encoder", shape=enc.shape, dtype="uint8", chunks=enc.shape)
         group["encoder"][:] = enc
+    group.create_array("removed", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False)
+    if removed is not None and removed.any():
+        group["removed"][:] = removed
+    group.create_array("stamp", shape=(n,), dtype="uint64", chunks=(rows,), fill_value=0)
+    if stamps is not None:
+        group["stamp"][:] = stamps
     n_chunks = max(1, -(-n // rows))
     group.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -108,9 +140,11 @@ def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: t
 
 
 def finish_version(group: zarr.Group) -> dict:
-    """Count rows and rejects, mark the version complete; returns the summary stored in its attrs."""
+    """Count rows, rejects and tombstones, mark the version complete; returns the summary stored in its attrs."""
     valid = group["valid"][:]
-    summary = {"valid": int(valid.sum()), "rejected": int((~valid).sum()), "complete": True, "finished": _now()}
+    removed = group["removed"][:] if "removed" in group else np.zeros(len(valid), bool)
+    summary = {"valid": int((valid & ~removed).sum()), "rejected": int((~valid & ~removed).sum()),
+               "removed": int(removed.sum()), "complete": True, "finished": _now()}
     group.attrs.update(summary)
     return summary
 
@@ -122,6 +156,38 @@ def version_names(index: str) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(os.path.basename(e.rstrip("/")) for e in entries if fs.isdir(e))
+
+
+def list_versions(index: str) -> list[dict]:
+    """Every version folder of an index with its state, newest first; ``current`` marks the published one."""
+    current = read_pointer(index)
+    versions = []
+    for name in version_names(index):
+        try:
+            attrs = zarr.open_group(_join(index, name), mode="r").attrs.asdict()
+        except Exception:  # noqa: BLE001 - a folder that is not (yet) a readable group
+            attrs = {}
+        versions.append({"name": name, "current": name == current, "complete": bool(attrs.get("complete")),
+                         "created": attrs.get("created"), "finished": attrs.get("finished"),
+                         "rows": attrs.get("count"), "valid": attrs.get("valid"), "removed": attrs.get("removed", 0),
+                         "encoder_id": attrs.get("encoder_id"), "base_version": attrs.get("base_version")})
+    return sorted(versions, key=lambda v: (v["finished"] or v["created"] or ""), reverse=True)
+
+
+def prune_versions(index: str, keep: int) -> list[str]:
+    """Delete complete versions beyond the newest ``keep`` (the published one always stays).
+
+    Unfinished builds are left alone: a rerun resumes them. Readers that opened a deleted version
+    lose it, so keep at least 2 when queries may run during an update."""
+    if keep < 1:
+        raise StoreError(f"keep must be at least 1, got {keep}")
+    complete = [v for v in list_versions(index) if v["complete"]]
+    doomed = [v["name"] for v in complete[keep:] if not v["current"]]
+    fs, path = fsspec.core.url_to_fs(index)
+    for name in doomed:
+        with writing(index, f"deleting old version {name}"):
+            fs.rm(_join(path, name), recursive=True)
+    return doomed
 
 
 def resolve(path: str) -> tuple[str, str | None]:

@@ -1,0 +1,185 @@
+"""Bring an index up to date with a changing source: the nightly job behind ``hashindex update``.
+
+The published version is the base. Compared by image id and per-image stamp (size and mtime for
+files, a pixel hash for arrays):
+
+- unchanged images keep their rows (codes copied, nothing decoded);
+- changed images are re-encoded in their rows;
+- new images are encoded and appended;
+- images gone from the source are tombstoned (``removed``), never searched, and keep their row, so
+  row positions stay stable from version to version.
+
+The result is a new version, published atomically like any build: a reader that opened the old
+version keeps it, a new open sees the new one. When the encoder differs from the base's (its content
+hash), every image is re-encoded into a fresh version instead. A killed update rerun with the same
+arguments resumes its own build. Afterwards the newest ``keep`` complete versions are kept.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from . import store
+from .build import _client, encode
+from .encoder import Encoder
+from .index import Index
+from .index import open as open_index
+from .pipeline import ChunkTask, CodeTransform, build_key, run_chunks
+from .sources import open_source
+
+log = logging.getLogger(__name__)
+DEFAULT_KEEP = 3
+
+
+@dataclass
+class UpdateResult:
+    """What an update did. ``action``: ``created`` (no index yet), ``reencoded`` (encoder changed),
+    ``updated``, or ``unchanged`` (nothing to do: no new version)."""
+
+    action: str
+    index: Index
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    pruned: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts = (f"{self.added:,} added, {self.changed:,} changed, {self.removed:,} removed, "
+                  f"{self.unchanged:,} unchanged, {self.rejected:,} rejected")
+        return f"{self.action}: {counts} in {self.seconds:.1f} s → version {self.index.version}"
+
+
+@dataclass
+class Diff:
+    """Rows of the base version and of the source, matched by id."""
+
+    base_rows: np.ndarray      # for each source row, its live row in the base, or -1 (new image)
+    changed: np.ndarray        # bool per source row: in the base with another stamp
+    gone: np.ndarray           # base rows whose image left the source
+    stamps: np.ndarray         # the source's stamps
+
+    @property
+    def added(self) -> np.ndarray:
+        return np.flatnonzero(self.base_rows < 0)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.changed.any() or len(self.added) or len(self.gone))
+
+
+def diff(base: zarr.Group, ids: np.ndarray, stamps: np.ndarray) -> Diff:
+    """Match source ids against the base's live rows (sorted search, no per-image Python work)."""
+    base_ids = np.asarray(base["ids"][:], dtype=object).astype(str)
+    count = len(base_ids)
+    removed = base["removed"][:] if "removed" in base else np.zeros(count, bool)
+    # a format-1 base has no stamps: treat every image as changed once, which records them
+    base_stamps = base["stamp"][:] if "stamp" in base else np.zeros(count, np.uint64)
+    live = np.flatnonzero(~removed)
+    order = np.argsort(base_ids[live], kind="stable")
+    live_sorted, ids_sorted = live[order], base_ids[live][order]
+    ids = np.asarray(ids, dtype=object).astype(str)
+    at = np.minimum(np.searchsorted(ids_sorted, ids), max(len(ids_sorted) - 1, 0))
+    found = (ids_sorted[at] == ids) if len(ids_sorted) else np.zeros(len(ids), bool)
+    base_rows = np.where(found, live_sorted[at] if len(ids_sorted) else -1, -1)
+    changed = found & ((base_stamps[np.maximum(base_rows, 0)] != stamps) | ("stamp" not in base))
+    gone = np.setdiff1d(live, base_rows[found])
+    return Diff(base_rows, changed, gone, stamps)
+
+
+def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KEEP, chunk_rows: int | None = None,
+           client=None, scheduler: str | None = None, n_workers: int | None = None) -> UpdateResult:
+    """Bring the index at ``out`` up to date with ``source`` (see the module docstring)."""
+    started = time.perf_counter()
+    src = open_source(source)
+    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
+    out = str(out).rstrip("/")
+    if keep < 1:
+        raise store.StoreError(f"keep must be at least 1, got {keep}")
+    current = store.read_pointer(out)
+    if current is None or store.open_group(out)[0].attrs.get("encoder_id") != enc.id:
+        index = encode(src, enc, out, chunk_rows=chunk_rows, client=client, scheduler=scheduler, n_workers=n_workers)
+        result = UpdateResult("created" if current is None else "reencoded", index, added=len(src),
+                              rejected=int(index.attrs.get("rejected", 0)))
+        return _finish(result, out, keep, started)
+
+    base, _ = store.open_group(out)
+    base_location = f"{out}/{current}"
+    stamps = src.stamps()
+    d = diff(base, src.ids, stamps)
+    if d.empty:
+        index = open_index(out)
+        return _finish(UpdateResult("unchanged", index, unchanged=len(src)), out, keep, started)
+
+    count, rows_per_chunk = int(base.attrs["count"]), int(base.attrs["chunk_rows"])
+    added = d.added
+    total = count + len(added)
+    # the new version's rows: the base's, then the new images
+    ids = np.concatenate([np.asarray(base["ids"][:], dtype=object), src.ids[added]])
+    all_stamps = np.concatenate([base["stamp"][:] if "stamp" in base else np.zeros(count, np.uint64),
+                                 stamps[added]])
+    redo_rows = np.flatnonzero(d.changed)                      # source rows re-encoded in place
+    all_stamps[d.base_rows[redo_rows]] = stamps[redo_rows]
+    removed = np.zeros(total, bool)
+    removed[:count] = base["removed"][:] if "removed" in base else False
+    removed[d.gone] = True
+    labels = _labels(base, src, d, added, redo_rows, count)
+    # rows to compute: (version position, source row), sorted by position
+    positions = np.concatenate([d.base_rows[redo_rows], count + np.arange(len(added))]).astype(np.int64)
+    source_rows = np.concatenate([redo_rows, added]).astype(np.int64)
+    order = np.argsort(positions)
+    positions, source_rows = positions[order], source_rows[order]
+
+    fingerprint = src.fingerprint()
+    key = build_key("update", enc.id, current, fingerprint, rows_per_chunk, total)
+    version = f"v-{key}"
+    location = f"{out}/{version}"
+    group = store.create_version(
+        location, ids=ids, chunk_rows=rows_per_chunk, labels=labels, output=("codes", enc.bits // 8, "uint8"),
+        encoder_bytes=enc.to_bytes(), stamps=all_stamps, removed=removed,
+        attrs={"build_key": key, "bits": enc.bits, "encoder_id": enc.id, "encoder_config": enc.config,
+               "source": src.describe(), "source_fingerprint": fingerprint, "base_version": current,
+               "update": {"added": int(len(added)), "changed": int(len(redo_rows)), "removed": int(len(d.gone))}})
+    if not group.attrs.get("complete"):
+        plan = _plan(total, rows_per_chunk, positions, source_rows)
+        with _client(client, scheduler, n_workers) as c:
+            counts = run_chunks(c, src, group, location, CodeTransform(location), plan=plan, base=base_location,
+                                desc="updating")
+        store.finish_version(group)
+        log.info("updated %s from %s: %s", location, current, counts)
+    store.write_pointer(out, version)
+    index = open_index(out)
+    rejected = int((~index.valid[positions]).sum())
+    result = UpdateResult("updated", index, added=len(added), changed=len(redo_rows), removed=len(d.gone),
+                          unchanged=int((d.base_rows >= 0).sum() - len(redo_rows)), rejected=rejected)
+    return _finish(result, out, keep, started)
+
+
+def _plan(total: int, rows_per_chunk: int, positions: np.ndarray, source_rows: np.ndarray) -> list[ChunkTask]:
+    """One task per chunk of the new version: it copies the chunk's base rows and encodes its changed
+    and new ones, so every Zarr chunk has exactly one writer."""
+    bounds = np.searchsorted(positions, np.arange(0, total + rows_per_chunk, rows_per_chunk))
+    return [ChunkTask(c, start, min(total, start + rows_per_chunk), source_rows[bounds[c]:bounds[c + 1]],
+                      positions[bounds[c]:bounds[c + 1]])
+            for c, start in enumerate(range(0, total, rows_per_chunk))]
+
+
+def _labels(base, src, d: Diff, added, redo_rows, count):
+    if src.labels is None or "labels" not in base or base["labels"].shape[1:] != src.labels.shape[1:]:
+        return None
+    labels = np.concatenate([base["labels"][:], src.labels[added]])
+    labels[d.base_rows[redo_rows]] = src.labels[redo_rows]
+    return labels
+
+
+def _finish(result: UpdateResult, out: str, keep: int, started: float) -> UpdateResult:
+    result.pruned = store.prune_versions(out, keep)
+    result.seconds = time.perf_counter() - started
+    log.info("%s", result.summary())
+    return result

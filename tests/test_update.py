@@ -1,0 +1,159 @@
+"""`hashindex update`: a changing folder of real images kept in step with its index, version by version."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import hashindex
+from hashindex import store
+from hashindex.update import update
+
+
+@pytest.fixture(scope="module")
+def encoders(image_folder, client, cache_dir):
+    return {m: hashindex.train_encoder(image_folder["path"], m, 32, client=client) for m in ("itq", "lsh")}
+
+
+def _copy(image_folder, folder, ids) -> list[str]:
+    for rel in ids:
+        os.makedirs(os.path.dirname(os.path.join(folder, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(image_folder["path"], rel), os.path.join(folder, rel))
+    return list(ids)
+
+
+def _codes_by_id(index) -> dict[str, bytes]:
+    rows = np.flatnonzero(index.searchable)
+    return {index.ids[r]: index.codes[r].tobytes() for r in rows}
+
+
+def _replace(image_folder, folder, rel, other):
+    """Overwrite image ``rel`` with the content of ``other`` (another image: new size, new mtime)."""
+    target = os.path.join(folder, rel)
+    shutil.copyfile(os.path.join(image_folder["path"], other), target)
+    st = os.stat(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_update_appends_reencodes_and_tombstones(image_folder, encoders, client, tmp_path):
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    ids = image_folder["ids"]
+    _copy(image_folder, folder, ids[:60])
+    first = update(folder, encoders["itq"], out, client=client)
+    assert first.action == "created" and first.added == 60 and len(first.index) == 60
+    before = hashindex.open(out)
+
+    _copy(image_folder, folder, ids[60:70])                 # 10 new
+    for rel in ids[:5]:                                       # 5 removed
+        os.remove(os.path.join(folder, rel))
+    for rel, other in zip(ids[5:10], ids[200:205]):           # 5 changed
+        _replace(image_folder, folder, rel, other)
+    second = update(folder, encoders["itq"], out, client=client)
+    assert (second.action, second.added, second.changed, second.removed, second.unchanged) == ("updated", 10, 5, 5, 50)
+
+    index = hashindex.open(out)
+    assert index.version == second.index.version != before.version
+    assert len(index) == 70 and index.ntotal == 65 and int(index.removed.sum()) == 5
+    # row positions are stable: the unchanged images kept their rows and codes
+    assert np.array_equal(index.ids[:60], before.ids)
+    kept = before.rows_of(ids[10:60])
+    assert np.array_equal(index.rows_of(ids[10:60]), kept) and np.array_equal(index.codes[kept], before.codes[kept])
+    # every live image has exactly the code a fresh build gives it; removed ones are gone from search
+    fresh = hashindex.encode(folder, encoders["itq"], str(tmp_path / "fresh.index"), client=client)
+    assert _codes_by_id(index) == _codes_by_id(fresh)
+    with pytest.raises(store.StoreError, match="unknown id"):
+        index.rows_of([ids[0]])
+    _, rows = index.search(index.codes[index.rows_of([ids[7]])], 70)
+    assert not np.isin(rows, before.rows_of(ids[:5])).any()
+    # the reader that opened the old version still sees it, whole
+    assert len(before) == 60 and before.search(before.codes[:1], 1)[1][0, 0] == 0
+    listed = [v["name"] for v in index.info()["versions"]]
+    assert listed == [index.version, before.version]
+
+
+def test_update_with_nothing_to_do_publishes_nothing(image_folder, encoders, client, tmp_path):
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    _copy(image_folder, folder, image_folder["ids"][:30])
+    first = update(folder, encoders["itq"], out, client=client)
+    again = update(folder, encoders["itq"], out, client=client)
+    assert again.action == "unchanged" and again.unchanged == 30
+    assert again.index.version == first.index.version and store.version_names(out) == [first.index.version]
+
+
+def test_a_new_encoder_reencodes_everything(image_folder, encoders, client, tmp_path):
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    _copy(image_folder, folder, image_folder["ids"][:40])
+    update(folder, encoders["itq"], out, client=client)
+    result = update(folder, encoders["lsh"], out, client=client)
+    assert result.action == "reencoded" and result.index.encoder.id == encoders["lsh"].id
+    fresh = hashindex.encode(folder, encoders["lsh"], str(tmp_path / "fresh.index"), client=client)
+    assert _codes_by_id(result.index) == _codes_by_id(fresh)
+
+
+def test_the_newest_versions_are_kept(image_folder, encoders, client, tmp_path):
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    ids = image_folder["ids"]
+    _copy(image_folder, folder, ids[:20])
+    versions = [update(folder, encoders["itq"], out, keep=2, client=client).index.version]
+    for step in range(3):
+        _copy(image_folder, folder, ids[20 + 5 * step:25 + 5 * step])
+        result = update(folder, encoders["itq"], out, keep=2, client=client)
+        versions.append(result.index.version)
+    assert len(set(versions)) == 4
+    assert sorted(store.version_names(out)) == sorted(versions[-2:])
+    assert hashindex.open(out).version == versions[-1] and len(hashindex.open(out)) == 35
+
+
+def test_queries_during_publish_always_see_one_complete_version(image_folder, encoders, client, tmp_path):
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    ids = image_folder["ids"]
+    _copy(image_folder, folder, ids[:50])
+    update(folder, encoders["itq"], out, client=client)
+    seen, errors, stop = set(), [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                index = hashindex.open(out)
+                codes = index.codes
+                assert len(codes) == len(index.ids) == index.attrs["count"]
+                d, rows = index.search(codes[:2], 3)
+                assert (d[:, 0] == 0).all()
+                seen.add(len(index))
+            except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for step in range(3):
+            _copy(image_folder, folder, ids[50 + 10 * step:60 + 10 * step])
+            update(folder, encoders["itq"], out, keep=3, client=client)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:3]
+    assert seen <= {50, 60, 70, 80} and len(seen) >= 2, seen
+
+
+def test_cli_update_and_info_list_versions(image_folder, encoders, tmp_path):
+    from test_pipeline import _cli
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    ids = image_folder["ids"]
+    _copy(image_folder, folder, ids[:30])
+    encoder = encoders["itq"].save(tmp_path / "itq.encoder")
+    args = ["update", "--encoder", encoder, "--source", folder, "--out", out, "--workers", "1"]
+    first = _cli(*args)
+    assert first.returncode == 0 and first.stdout.startswith("created: 30 added"), first.stderr
+    os.remove(os.path.join(folder, ids[0]))
+    second = _cli(*args)
+    assert second.returncode == 0 and "updated: 0 added, 0 changed, 1 removed, 29 unchanged" in second.stdout
+    info = _cli("info", out)
+    assert info.returncode == 0 and "removed 1" in info.stdout
+    listed = [line for line in info.stdout.splitlines() if line.startswith(("  * v-", "    v-"))]
+    assert len(listed) == 2 and info.stdout.count("  * v-") == 1
+    bad = _cli("update", "--encoder", encoder, "--source", folder, "--out", out, "--keep", "0")
+    assert bad.returncode == 2 and "keep must be at least 1" in bad.stderr
