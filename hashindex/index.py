@@ -41,29 +41,41 @@ class Index:
         self.bits = int(self.attrs["bits"])
 
     # -- arrays --------------------------------------------------------------------------------
+    def _read(self, name: str) -> np.ndarray:
+        """A whole stored array; damage on disk becomes an error naming the array, not a traceback."""
+        try:
+            return self._group[name][:]
+        except Exception as exc:  # noqa: BLE001 - codec, I/O and shape errors all mean a damaged index
+            raise StoreError(f"{self.path}: the {name!r} array of version {self.version} cannot be read "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             "the index is damaged: rebuild it with hashindex encode") from None
+
     @cached_property
     def codes(self) -> np.ndarray:
         """Packed codes of every row, uint8 ``[N, bits/8]`` (rejected rows are zeros)."""
-        return self._group["codes"][:]
+        codes = self._read("codes")
+        if codes.shape != (len(self), self.bits // 8):
+            raise StoreError(f"{self.path}: codes have shape {codes.shape}, expected ({len(self)}, {self.bits // 8})")
+        return codes
 
     @cached_property
     def ids(self) -> np.ndarray:
-        return np.asarray(self._group["ids"][:], dtype=object)
+        return np.asarray(self._read("ids"), dtype=object)
 
     @cached_property
     def valid(self) -> np.ndarray:
-        return self._group["valid"][:]
+        return self._read("valid")
 
     @cached_property
     def removed(self) -> np.ndarray:
         """Tombstones: rows whose image left the source (``hashindex update``); never searched."""
         if "removed" in self._group:
-            return self._group["removed"][:]
+            return self._read("removed")
         return np.zeros(len(self), bool)
 
     @cached_property
     def labels(self) -> np.ndarray | None:
-        return self._group["labels"][:] if "labels" in self._group else None
+        return self._read("labels") if "labels" in self._group else None
 
     @property
     def ntotal(self) -> int:
@@ -85,14 +97,14 @@ class Index:
     @property
     def rejects(self) -> list[tuple[str, str]]:
         rows = np.flatnonzero(~self.valid & ~self.removed)
-        reasons = self._group["reason"][:]
+        reasons = self._read("reason")
         return [(self.ids[r], str(reasons[r])) for r in rows]
 
     @cached_property
     def encoder(self) -> Encoder | None:
         if "encoder" not in self._group:
             return None
-        return Encoder.from_bytes(self._group["encoder"][:].tobytes(), name=f"{self.path} (stored encoder)")
+        return Encoder.from_bytes(self._read("encoder").tobytes(), name=f"{self.path} (stored encoder)")
 
     # -- search --------------------------------------------------------------------------------
     @property

@@ -207,7 +207,7 @@ def open_group(path: str) -> tuple[zarr.Group, str | None]:
     try:
         group = zarr.open_group(location, mode="r")
     except FileNotFoundError:
-        raise StoreError(f"{path}: not a hashindex index (no Zarr group)") from None
+        raise StoreError(f"{path}: no index here (no {POINTER} file and not a Zarr group)") from None
     attrs = group.attrs.asdict()
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path}: not a hashindex index (format attribute is {attrs.get('format')!r})")
