@@ -219,9 +219,10 @@ def _query(args) -> None:
     else:
         dist, rows = index.search(codes, args.k)
         results = [(dist[q][rows[q] >= 0], rows[q][rows[q] >= 0]) for q in range(len(codes))]
-    ids = index.ids
+    found = np.concatenate([rq for _, rq in results]) if results else np.empty(0, np.int64)
+    ids = dict(zip(found.tolist(), index.ids_at(found)))  # only the returned rows' ids are read
     report = [{"query": name, "code": code.tobytes().hex(),
-               "results": [{"rank": r + 1, "distance": int(d), "id": ids[i], "row": int(i)}
+               "results": [{"rank": r + 1, "distance": int(d), "id": ids[int(i)], "row": int(i)}
                            for r, (d, i) in enumerate(zip(dq, rq))]}
               for name, code, (dq, rq) in zip(names, codes, results)]
     if args.json:

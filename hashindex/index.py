@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from functools import cached_property
 
 import numpy as np
@@ -13,15 +14,17 @@ from .search import LinearScan
 from .store import StoreError
 
 SEARCHERS = ("auto", "linear", "mih")
-# Where multi-index hashing beats the tuned linear scan, read off bench/search_speed.py on this
-# 2-core machine: at 10M 64-bit codes MIH answers single queries ~5x faster; at 1M codes, or at
-# 128 bits, the scan wins. So: MIH from a few million codes of at most 64 bits.
+# Where multi-index hashing beats the tuned linear scan per query, read off bench/search_speed.py on
+# this 2-core machine: at 10M 64-bit codes MIH answers single queries ~5x faster; at 1M codes, or at
+# 128 bits, the scan wins.
 MIH_MIN_CODES = 4_000_000
 MIH_MAX_BITS = 64
+# Building the tables costs ~1 µs a code (9.7 s for 10M, same bench): worth it only for many queries.
+MIH_BUILD_SECONDS_PER_CODE = 1e-6
 
 
 def choose_searcher(ntotal: int, bits: int) -> str:
-    """The cost model behind ``searcher="auto"``."""
+    """Which searcher answers a query faster once built: the per-query half of the cost model."""
     return "mih" if ntotal >= MIH_MIN_CODES and bits <= MIH_MAX_BITS else "linear"
 
 
@@ -39,6 +42,8 @@ class Index:
         self.path, self.version, self._group, self._searcher_choice = path, version, group, searcher
         self.attrs = group.attrs.asdict()
         self.bits = int(self.attrs["bits"])
+        self._scan_seconds = 0.0   # time the linear scan has spent answering ("auto" cost model)
+        self._mih = None
 
     # -- arrays --------------------------------------------------------------------------------
     def _read(self, name: str) -> np.ndarray:
@@ -109,30 +114,58 @@ class Index:
     # -- search --------------------------------------------------------------------------------
     @property
     def searcher(self) -> str:
-        """``"linear"`` or ``"mih"``: what answers this index's queries."""
-        if self._searcher_choice == "auto":
-            return choose_searcher(self.ntotal, self.bits)
-        return self._searcher_choice
+        """``"linear"`` or ``"mih"``: what answers this index's next query.
+
+        ``"auto"`` is a rent-or-buy rule: the linear scan answers (no set-up) until the time it has
+        spent would have paid for building the MIH tables, then MIH takes over, if it answers faster
+        per query at this size (:func:`choose_searcher`). A one-off ``hashindex query`` never pays
+        for tables; a long-running process asking many single queries of a large index gets MIH.
+        """
+        if self._searcher_choice != "auto":
+            return self._searcher_choice
+        if self._mih is not None:
+            return "mih"
+        build = self.ntotal * MIH_BUILD_SECONDS_PER_CODE
+        if choose_searcher(self.ntotal, self.bits) == "mih" and self._scan_seconds >= build:
+            return "mih"
+        return "linear"
 
     @cached_property
-    def _searcher(self):
-        codes = np.ascontiguousarray(self.codes[self._valid_rows])
-        if self.searcher == "mih":
+    def _searchable_codes(self) -> np.ndarray:
+        return np.ascontiguousarray(self.codes[self._valid_rows])
+
+    @cached_property
+    def _linear(self) -> LinearScan:
+        return LinearScan(self._searchable_codes)
+
+    def _engine(self):
+        if self.searcher == "linear":
+            return self._linear
+        if self._mih is None:
             from .mih import MultiIndexHashing
-            return MultiIndexHashing(codes)
-        return LinearScan(codes)
+            self._mih = MultiIndexHashing(self._searchable_codes)
+            self.__dict__.pop("_linear", None)  # one searcher's memory at a time
+        return self._mih
+
+    def _timed(self, call):
+        engine = self._engine()
+        started = time.perf_counter()
+        result = call(engine)
+        if engine is not self._mih:
+            self._scan_seconds += time.perf_counter() - started
+        return result
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest rows by Hamming distance: ``(D int32 [Q, k], I int64 [Q, k])``, ties by row position.
 
         Missing results (k larger than the index) are ``I = -1``.
         """
-        distances, local = self._searcher.search(queries, k)
+        distances, local = self._timed(lambda engine: engine.search(queries, k))
         return distances, self._to_rows(local)
 
     def radius_search(self, queries: np.ndarray, radius: int):
         """All rows within Hamming distance ``<= radius``: ``(lims, D, I)`` as faiss's range_search."""
-        lims, distances, local = self._searcher.radius_search(queries, radius)
+        lims, distances, local = self._timed(lambda engine: engine.radius_search(queries, radius))
         return lims, distances, self._to_rows(local)
 
     def _to_rows(self, local: np.ndarray) -> np.ndarray:
@@ -140,6 +173,16 @@ class Index:
         found = local >= 0
         rows[found] = self._valid_rows[local[found]]
         return rows
+
+    def ids_at(self, rows: np.ndarray) -> np.ndarray:
+        """Ids of some rows, reading only their chunks (a query on a huge index needs few ids)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if "ids" in self.__dict__ or len(rows) == 0:
+            return self.ids[rows]
+        try:
+            return np.asarray(self._group["ids"].get_orthogonal_selection(rows), dtype=object)
+        except Exception:  # noqa: BLE001 - damaged chunk: the whole-array read names the problem
+            return self.ids[rows]
 
     @cached_property
     def _row_of_id(self) -> dict[str, int]:
@@ -169,7 +212,8 @@ def open(path: str, *, searcher: str = "auto") -> Index:  # noqa: A001 - the pub
     """Open the published version of the index at ``path`` (a folder or fsspec URL).
 
     ``searcher``: ``"linear"`` (numba popcount scan), ``"mih"`` (exact multi-index hashing; tables
-    built on the first query) or ``"auto"`` (MIH from a few million codes of at most 64 bits).
+    built on the first query) or ``"auto"`` (the scan, until its accumulated time would have paid
+    for MIH's tables on an index where MIH is faster per query; see :attr:`Index.searcher`).
     Both give identical results.
     """
     group, version = store.open_group(str(path))

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -61,6 +62,35 @@ def test_mih_searcher_gives_the_linear_scan_results(clustered):
     assert hashindex.index.choose_searcher(10_000_000, 128) == "linear"
     with pytest.raises(ValueError, match="searcher must be one of"):
         hashindex.open(index.path, searcher="fast")
+
+
+def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monkeypatch):
+    codes, _, index = clustered
+    monkeypatch.setattr(hashindex.index, "MIH_MIN_CODES", 100)   # pretend MIH is faster at this size
+    # tables that cost as much as ~5 scans of 30 queries
+    auto = hashindex.open(index.path)
+    linear = hashindex.open(index.path, searcher="linear")
+    queries = codes[:30] ^ np.uint8(4)
+    expected = linear.search(queries, 10)  # warm: JIT and loading out of the timing
+    started = time.perf_counter()
+    linear.search(queries, 10)
+    per_call = time.perf_counter() - started
+    monkeypatch.setattr(hashindex.index, "MIH_BUILD_SECONDS_PER_CODE", 5 * per_call / auto.ntotal)
+    engines = []
+    for _ in range(200):
+        engines.append(auto.searcher)
+        got = auto.search(queries, 10)
+        assert all((a == b).all() for a, b in zip(got, expected))
+        if engines[-1] == "mih":
+            break
+    assert engines[0] == "linear" and engines[-1] == "mih", engines
+    assert auto.searcher == "mih" and "_linear" not in auto.__dict__  # the scan's copy is released
+    # an index where MIH is not faster per query never switches, however many queries it answers
+    monkeypatch.setattr(hashindex.index, "MIH_MIN_CODES", 10**9)
+    never = hashindex.open(index.path)
+    for _ in range(20):
+        never.search(queries, 10)
+    assert never.searcher == "linear"
 
 
 def test_search_skips_rejected_rows_and_keeps_row_positions(tmp_path, clustered):
