@@ -154,9 +154,19 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None, t
             yield client
         return
     n_workers = n_workers or max(1, min(os.cpu_count() or 1, torch.cuda.device_count() or os.cpu_count() or 1))
-    with LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                           dashboard_address=None, silence_logs=logging.WARNING)
+    client = Client(cluster)
+    try:
         yield client
+    finally:
+        # the work is written and published by now: a slow shutdown (an overloaded machine) must not
+        # turn a finished job into a failed one
+        for close in (client.close, cluster.close):
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - timeouts and comm errors while tearing down
+                log.warning("Dask cluster shutdown: %s: %s", type(exc).__name__, exc)
 
 
 def build_key(*parts) -> str:

@@ -136,3 +136,14 @@ def test_method_rejects_bad_training_data():
         create_method("foo", 8)
     with pytest.raises(MethodError, match="itq takes no parameter 'epochs'"):
         create_method("itq", 8, epochs=3)
+
+
+@pytest.mark.parametrize("method", ["uhga", "dpfah", "nrdh", "lagnh", "ucsh"])
+def test_deep_methods_reject_a_misspelt_parameter(method, tmp_path):
+    with pytest.raises(MethodError, match=f"{method}: unknown parameter 'epoch' .*epochs"):
+        create_method(method, 16, epoch=3)
+    config = tmp_path / "mine.json"
+    config.write_text('{"epochs": 2, "learning_rate": 0.1}')
+    with pytest.raises(MethodError, match="unknown parameter 'learning_rate'"):
+        create_method(method, 16, config=str(config))
+    assert create_method(method, 16, epochs=2, backbone_lr_factor=0.5).config["epochs"] == 2

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
+# parameters every deep method reads, whether or not its profiles set them
+GENERIC_PARAMS = {"epochs", "lr", "batch_size", "weight_decay", "loss_weights", "backbone_lr_factor"}
+
+
 def load_config(name: str) -> dict:
     """The method's config file: ``{"default_profile": …, "profiles": {name: {param: value}}, "doc": …}``."""
     path = os.path.join(CONFIG_DIR, f"{name}.json")
@@ -79,7 +83,11 @@ class DeepHashMethod(HashMethod):
                 user = json.load(f)
             overrides.append(user.get("profiles", {}).get(self.profile, user) if "profiles" in user else user)
         overrides.append(params)
+        known = {key for profile in shipped["profiles"].values() for key in profile} | GENERIC_PARAMS
         for override in overrides:
+            unknown = sorted(set(override) - known)
+            if unknown:
+                raise MethodError(f"{self.name}: unknown parameter {unknown[0]!r} (it takes: {', '.join(sorted(known))})")
             merged.update(override)
             # an override names only the terms it changes; the others keep the profile's weights
             weights.update(override.get("loss_weights", {}))
