@@ -74,21 +74,35 @@ class Diff:
         return not (self.changed.any() or len(self.added) or len(self.gone))
 
 
-def diff(base: zarr.Group, ids: np.ndarray, stamps: np.ndarray) -> Diff:
+@dataclass
+class BaseRows:
+    """The per-row bookkeeping of the base version, read once."""
+
+    ids: np.ndarray        # object
+    removed: np.ndarray    # bool
+    stamps: np.ndarray     # uint64
+    has_stamps: bool       # False for a format-1 base
+
+    @classmethod
+    def read(cls, base: zarr.Group) -> "BaseRows":
+        ids = np.asarray(base["ids"][:], dtype=object)
+        count = len(ids)
+        return cls(ids, base["removed"][:] if "removed" in base else np.zeros(count, bool),
+                   base["stamp"][:] if "stamp" in base else np.zeros(count, np.uint64), "stamp" in base)
+
+
+def diff(base: BaseRows, ids: np.ndarray, stamps: np.ndarray) -> Diff:
     """Match source ids against the base's live rows (sorted search, no per-image Python work)."""
-    base_ids = np.asarray(base["ids"][:], dtype=object).astype(str)
-    count = len(base_ids)
-    removed = base["removed"][:] if "removed" in base else np.zeros(count, bool)
-    # a format-1 base has no stamps: treat every image as changed once, which records them
-    base_stamps = base["stamp"][:] if "stamp" in base else np.zeros(count, np.uint64)
-    live = np.flatnonzero(~removed)
+    base_ids = base.ids.astype(str)
+    live = np.flatnonzero(~base.removed)
     order = np.argsort(base_ids[live], kind="stable")
     live_sorted, ids_sorted = live[order], base_ids[live][order]
     ids = np.asarray(ids, dtype=object).astype(str)
     at = np.minimum(np.searchsorted(ids_sorted, ids), max(len(ids_sorted) - 1, 0))
     found = (ids_sorted[at] == ids) if len(ids_sorted) else np.zeros(len(ids), bool)
     base_rows = np.where(found, live_sorted[at] if len(ids_sorted) else -1, -1)
-    changed = found & ((base_stamps[np.maximum(base_rows, 0)] != stamps) | ("stamp" not in base))
+    # a format-1 base has no stamps: every image counts as changed once, which records them
+    changed = found & ((base.stamps[np.maximum(base_rows, 0)] != stamps) | (not base.has_stamps))
     gone = np.setdiff1d(live, base_rows[found])
     return Diff(base_rows, changed, gone, stamps)
 
@@ -102,17 +116,17 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
     out = str(out).rstrip("/")
     if keep < 1:
         raise store.StoreError(f"keep must be at least 1, got {keep}")
-    current = store.read_pointer(out)
-    if current is None or store.open_group(out)[0].attrs.get("encoder_id") != enc.id:
+    base, current = store.open_group(out) if store.read_pointer(out) is not None else (None, None)
+    if base is None or base.attrs.get("encoder_id") != enc.id:
         index = encode(src, enc, out, chunk_rows=chunk_rows, client=client, scheduler=scheduler, n_workers=n_workers)
         result = UpdateResult("created" if current is None else "reencoded", index, added=len(src),
                               rejected=int(index.attrs.get("rejected", 0)))
         return _finish(result, out, keep, started)
 
-    base, _ = store.open_group(out)
     base_location = f"{out}/{current}"
     stamps = src.stamps()
-    d = diff(base, src.ids, stamps)
+    rows = BaseRows.read(base)
+    d = diff(rows, src.ids, stamps)
     if d.empty:
         index = open_index(out)
         return _finish(UpdateResult("unchanged", index, unchanged=len(src)), out, keep, started)
@@ -121,13 +135,12 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
     added = d.added
     total = count + len(added)
     # the new version's rows: the base's, then the new images
-    ids = np.concatenate([np.asarray(base["ids"][:], dtype=object), src.ids[added]])
-    all_stamps = np.concatenate([base["stamp"][:] if "stamp" in base else np.zeros(count, np.uint64),
-                                 stamps[added]])
+    ids = np.concatenate([rows.ids, src.ids[added]])
+    all_stamps = np.concatenate([rows.stamps, stamps[added]])
     redo_rows = np.flatnonzero(d.changed)                      # source rows re-encoded in place
     all_stamps[d.base_rows[redo_rows]] = stamps[redo_rows]
     removed = np.zeros(total, bool)
-    removed[:count] = base["removed"][:] if "removed" in base else False
+    removed[:count] = rows.removed
     removed[d.gone] = True
     labels = _labels(base, src, d, added, redo_rows, count)
     # rows to compute: (version position, source row), sorted by position
