@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
+import datetime
 import uuid
 
 import fsspec
@@ -46,7 +46,8 @@ def _join(root: str, *parts: str) -> str:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # microseconds: versions are ordered by these stamps, and nightly tools may publish twice a second
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def read_pointer(index: str) -> str | None:
