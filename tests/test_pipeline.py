@@ -1,4 +1,5 @@
 """Real images through the real EfficientNet-Lite0, scheduled by a real Dask LocalCluster, into Zarr."""
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import zarr
 import hashindex
 from hashindex import store
 from hashindex.build import encode_images
+from hashindex.pipeline import dask_client
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,19 @@ def test_cli_query_info_and_errors(trained, image_folder):
         assert result.returncode == 2, args
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_local_workers_start_with_one_malloc_arena(client):
+    # without it the backbone ran at 0.6x its speed inside a worker (bench/encode_throughput.py)
+    assert set(client.run(os.environ.get, "MALLOC_ARENA_MAX").values()) == {"1"}
+
+
+def test_an_external_cluster_without_one_malloc_arena_is_warned_about(caplog, monkeypatch):
+    from dask.distributed import LocalCluster
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)  # Dask's nannies copy it into this process
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with caplog.at_level(logging.WARNING, logger="hashindex.pipeline"):
+            with dask_client(cluster.scheduler_address) as external:
+                assert len(external.scheduler_info()["workers"]) == 1
+    assert "MALLOC_ARENA_MAX=1" in caplog.text
