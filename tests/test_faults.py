@@ -288,6 +288,7 @@ def small_index(tmp_path_factory):
        by_id=st.booleans())
 def test_query_arguments_fuzz(small_index, code, k, radius, ids, by_id, capsys):
     from hashindex.cli import main
+    capsys.readouterr()  # hypothesis reuses the fixture: drop what earlier examples printed
     args = ["query", small_index, "-k", str(k), "--json"]
     args += (["--id", *ids] if by_id else ["--code", code])
     if radius is not None:
