@@ -79,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--id", nargs="+", metavar="ID", help="ids of images in the index")
     p.add_argument("-k", type=int, default=10, help="number of neighbours (default: %(default)s)")
     p.add_argument("--radius", type=int, help="return every row within this Hamming distance instead of k")
-    p.add_argument("--searcher", choices=("auto", "linear", "mih"), default="auto",
-                   help="linear scan, multi-index hashing, or chosen by index size (default: %(default)s)")
+    p.add_argument("--searcher", choices=("auto", "numpy", "linear", "mih"), default="auto",
+                   help="numpy scan, numba linear scan, multi-index hashing, or chosen by cost "
+                        "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("info", help="describe an index")
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args) or 0
     except HashindexError as exc:
         print(f"hashindex: error: {exc}", file=sys.stderr)
+        # a failed Zarr read leaves zarr's sibling chunk reads pending; asyncio would log each one at
+        # exit ("Task was destroyed but it is pending!") under the one error that explains them
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
@@ -197,7 +201,6 @@ def parse_hex_codes(codes: list[str], bits: int) -> np.ndarray:
 
 
 def _query(args) -> None:
-    from .build import encode_images
     from .index import open as open_index
 
     if args.radius is None and args.k <= 0:
@@ -212,6 +215,8 @@ def _query(args) -> None:
     else:
         if index.encoder is None:
             raise HashindexError(f"{args.index}: this index holds no encoder; query it with --code or --id")
+        from .build import encode_images  # torch and dask: only a query by image needs them
+
         names, codes = args.image, encode_images(index.encoder, args.image)
     if args.radius is not None:
         lims, dist, rows = index.radius_search(codes, args.radius)

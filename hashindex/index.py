@@ -2,25 +2,35 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import store
-from .encoder import Encoder
 from .errors import HashindexError
-from .search import LinearScan
+from .search import LinearScan, NumpyScan
 from .store import StoreError
 
-SEARCHERS = ("auto", "linear", "mih")
+if TYPE_CHECKING:
+    from .encoder import Encoder
+
+SEARCHERS = ("auto", "numpy", "linear", "mih")
 # Where multi-index hashing beats the tuned linear scan per query, read off bench/search_speed.py on
 # this 2-core machine: at 10M 64-bit codes MIH answers single queries ~5x faster; at 1M codes, or at
 # 128 bits, the scan wins.
 MIH_MIN_CODES = 4_000_000
 MIH_MAX_BITS = 64
-# Building the tables costs ~1 µs a code (9.7 s for 10M, same bench): worth it only for many queries.
-MIH_BUILD_SECONDS_PER_CODE = 1e-6
+# Building the tables costs ~0.25 µs a code (2.5 s for 10M 64-bit codes, m=5, counting sort): worth
+# it only for many queries.
+MIH_BUILD_SECONDS_PER_CODE = 2.5e-7
+# A fresh process spends ~0.5 s importing numba and loading the linear scan's compiled kernels before
+# its first answer; the numpy scan needs nothing loaded and costs ~4 ns per 64-bit word of the
+# database per query (16-40 ms for 10M 64-bit codes), so a one-off query is answered sooner by it.
+KERNEL_LOAD_SECONDS = 0.5
+NUMPY_SECONDS_PER_WORD = 4e-9
 
 
 def choose_searcher(ntotal: int, bits: int) -> str:
@@ -85,7 +95,7 @@ class Index:
     @property
     def ntotal(self) -> int:
         """Number of searchable rows."""
-        return int(self._valid_rows.size)
+        return len(self) if self._valid_rows is None else int(self._valid_rows.size)
 
     def __len__(self) -> int:
         return int(self.attrs["count"])
@@ -96,7 +106,11 @@ class Index:
         return self.valid & ~self.removed
 
     @cached_property
-    def _valid_rows(self) -> np.ndarray:
+    def _valid_rows(self) -> np.ndarray | None:
+        """Row of each searchable code, or None when every row is searchable. That case is read off
+        the version's counts, so a query on a clean index never reads the valid and removed arrays."""
+        if self.attrs.get("valid") == len(self) and self.attrs.get("removed", 0) == 0:
+            return None
         return np.flatnonzero(self.searchable).astype(np.int64)
 
     @property
@@ -109,37 +123,57 @@ class Index:
     def encoder(self) -> Encoder | None:
         if "encoder" not in self._group:
             return None
+        from .encoder import Encoder  # torch: imported only by those who encode, not by every query
+
         return Encoder.from_bytes(self._read("encoder").tobytes(), name=f"{self.path} (stored encoder)")
 
     # -- search --------------------------------------------------------------------------------
     @property
     def searcher(self) -> str:
-        """``"linear"`` or ``"mih"``: what answers this index's next query.
+        """``"numpy"``, ``"linear"`` or ``"mih"``: what answers this index's next single query."""
+        return self._choose(1)
 
-        ``"auto"`` is a rent-or-buy rule: the linear scan answers (no set-up) until the time it has
-        spent would have paid for building the MIH tables, then MIH takes over, if it answers faster
-        per query at this size (:func:`choose_searcher`). A one-off ``hashindex query`` never pays
-        for tables; a long-running process asking many single queries of a large index gets MIH.
+    def _choose(self, nqueries: int) -> str:
+        """The searcher for a call of ``nqueries`` queries.
+
+        ``"auto"`` climbs by a rent-or-buy rule, each step taken once the time spent answering would
+        have paid for it: the numpy scan answers first (nothing to load), the numba linear scan once
+        loading its kernels (:data:`KERNEL_LOAD_SECONDS`) pays, and MIH once building its tables
+        pays, if it answers faster per query at this size (:func:`choose_searcher`). A one-off
+        ``hashindex query`` loads neither; a long-running process asking many queries gets MIH.
         """
         if self._searcher_choice != "auto":
             return self._searcher_choice
         if self._mih is not None:
             return "mih"
-        build = self.ntotal * MIH_BUILD_SECONDS_PER_CODE
-        if choose_searcher(self.ntotal, self.bits) == "mih" and self._scan_seconds >= build:
+        spent = self._scan_seconds
+        if choose_searcher(self.ntotal, self.bits) == "mih" and spent >= self.ntotal * MIH_BUILD_SECONDS_PER_CODE:
             return "mih"
-        return "linear"
+        kernels_ready = "_linear" in self.__dict__ or "hashindex._bitops" in sys.modules
+        numpy_seconds = nqueries * self.ntotal * -(-self.bits // 64) * NUMPY_SECONDS_PER_WORD
+        if kernels_ready or spent + numpy_seconds > KERNEL_LOAD_SECONDS:
+            return "linear"
+        return "numpy"
 
     @cached_property
     def _searchable_codes(self) -> np.ndarray:
+        if self._valid_rows is None:
+            return np.ascontiguousarray(self.codes)
         return np.ascontiguousarray(self.codes[self._valid_rows])
 
     @cached_property
     def _linear(self) -> LinearScan:
         return LinearScan(self._searchable_codes)
 
-    def _engine(self):
-        if self.searcher == "linear":
+    @cached_property
+    def _numpy(self) -> NumpyScan:
+        return NumpyScan(self._searchable_codes)
+
+    def _engine(self, nqueries: int):
+        choice = self._choose(nqueries)
+        if choice == "numpy":
+            return self._numpy
+        if choice == "linear":
             return self._linear
         if self._mih is None:
             from .mih import MultiIndexHashing
@@ -147,8 +181,8 @@ class Index:
             self.__dict__.pop("_linear", None)  # one searcher's memory at a time
         return self._mih
 
-    def _timed(self, call):
-        engine = self._engine()
+    def _timed(self, nqueries: int, call):
+        engine = self._engine(nqueries)
         started = time.perf_counter()
         result = call(engine)
         if engine is not self._mih:
@@ -160,15 +194,18 @@ class Index:
 
         Missing results (k larger than the index) are ``I = -1``.
         """
-        distances, local = self._timed(lambda engine: engine.search(queries, k))
+        distances, local = self._timed(_count(queries), lambda engine: engine.search(queries, k))
         return distances, self._to_rows(local)
 
     def radius_search(self, queries: np.ndarray, radius: int):
         """All rows within Hamming distance ``<= radius``: ``(lims, D, I)`` as faiss's range_search."""
-        lims, distances, local = self._timed(lambda engine: engine.radius_search(queries, radius))
+        lims, distances, local = self._timed(_count(queries),
+                                             lambda engine: engine.radius_search(queries, radius))
         return lims, distances, self._to_rows(local)
 
     def _to_rows(self, local: np.ndarray) -> np.ndarray:
+        if self._valid_rows is None:
+            return local.astype(np.int64, copy=False)
         rows = np.full(local.shape, -1, dtype=np.int64)
         found = local >= 0
         rows[found] = self._valid_rows[local[found]]
@@ -208,13 +245,18 @@ class Index:
         return f"Index({self.path!r}, version={self.version!r}, bits={self.bits}, rows={len(self):,})"
 
 
+def _count(queries) -> int:
+    shape = np.shape(queries)
+    return 1 if len(shape) < 2 else int(shape[0])
+
+
 def open(path: str, *, searcher: str = "auto") -> Index:  # noqa: A001 - the public name, like zarr.open
     """Open the published version of the index at ``path`` (a folder or fsspec URL).
 
-    ``searcher``: ``"linear"`` (numba popcount scan), ``"mih"`` (exact multi-index hashing; tables
-    built on the first query) or ``"auto"`` (the scan, until its accumulated time would have paid
-    for MIH's tables on an index where MIH is faster per query; see :attr:`Index.searcher`).
-    Both give identical results.
+    ``searcher``: ``"numpy"`` (plain numpy scan, nothing to load), ``"linear"`` (numba popcount
+    scan), ``"mih"`` (exact multi-index hashing; tables built on the first query) or ``"auto"``
+    (each in turn as the time spent answering pays for the next one's set-up; see
+    :meth:`Index._choose`). All give identical results.
     """
     group, version = store.open_group(str(path))
     return Index(str(path), group, version, searcher)

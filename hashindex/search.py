@@ -5,7 +5,9 @@ set <=> +1).  The API mirrors faiss's binary indexes so that callers can swap
 ``faiss.IndexBinaryFlat`` in and out:
 
 * :class:`LinearScan` -- ``search(queries, k) -> (D, I)`` and
-  ``radius_search(queries, radius) -> (lims, D, I)``;
+  ``radius_search(queries, radius) -> (lims, D, I)``, on numba kernels;
+* :class:`NumpyScan` -- the same in plain numpy, for processes that ask a few
+  queries and should not wait for numba to load;
 * :func:`hamming_distances` -- the full ``[Q, N]`` distance matrix.
 
 Results are deterministic: equal distances are ordered by database position,
@@ -17,18 +19,19 @@ from __future__ import annotations
 import logging
 import numbers
 
-import numba
 import numpy as np
 
-from . import _bitops
+# numba and the kernels (_bitops) are imported where LinearScan first needs them: importing numba and
+# loading the kernels' compiled cache costs a fresh process ~0.5 s, which a one-off query on NumpyScan
+# never pays.
 
-__all__ = ["LinearScan", "hamming_distances", "MISSING_DISTANCE"]
+__all__ = ["LinearScan", "NumpyScan", "hamming_distances", "MISSING_DISTANCE"]
 
 logger = logging.getLogger(__name__)
 
 #: Distance reported for result slots that have no row (``k > ntotal``);
 #: the matching id is ``-1``.  Same convention as faiss ``IndexBinaryFlat``.
-MISSING_DISTANCE = _bitops.SENTINEL_D
+MISSING_DISTANCE = int(np.iinfo(np.int32).max)  # == _bitops.SENTINEL_D
 
 # Database bytes scanned per block while every query of a batch visits it:
 # small enough to stay in L1/L2 across the queries.
@@ -44,6 +47,11 @@ _PARALLEL_MIN_WORDS = 1 << 18
 def empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(D, I)`` with every slot missing: no queries, or an empty database."""
     return np.full((nq, k), MISSING_DISTANCE, dtype=np.int32), np.full((nq, k), -1, dtype=np.int64)
+
+
+def empty_result_radius(nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lims, D, I)`` with no results for any query."""
+    return np.zeros(nq + 1, dtype=np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
 
 
 # --------------------------------------------------------------------------
@@ -83,6 +91,8 @@ def _check_radius(radius) -> int:
 
 
 def _block_tiles(words: int) -> int:
+    from . import _bitops
+
     return max(1, _BLOCK_BYTES // (_bitops.TILE * 8 * words))
 
 
@@ -115,6 +125,8 @@ class LinearScan:
     """
 
     def __init__(self, codes: np.ndarray):
+        from . import _bitops
+
         codes = _check_codes(codes, "codes")
         self.ntotal = int(codes.shape[0])
         self.nbytes = int(codes.shape[1])
@@ -128,6 +140,9 @@ class LinearScan:
 
     def _nchunks(self, nqueries: int) -> int:
         """Database ranges scanned in parallel; 1 means run on one thread."""
+        import numba
+        from . import _bitops
+
         if self.ntotal * self._words * nqueries < _PARALLEL_MIN_WORDS:
             return 1
         # One database range per thread, never shorter than a 64-code tile.
@@ -144,6 +159,9 @@ class LinearScan:
         ``D = MISSING_DISTANCE`` (``2**31 - 1``), as faiss does.
         A 1-D ``queries`` of ``nbytes`` is one query.
         """
+        import numba
+        from . import _bitops
+
         queries = _check_queries(queries, self.nbytes)
         k = _check_k(k)
         nq = queries.shape[0]
@@ -172,11 +190,14 @@ class LinearScan:
         the results of query ``i`` are ``D[lims[i]:lims[i+1]]`` (int32) and
         ``I[lims[i]:lims[i+1]]`` (int64), sorted by (distance, position).
         """
+        import numba
+        from . import _bitops
+
         queries = _check_queries(queries, self.nbytes)
         radius = _check_radius(radius)
         nq = queries.shape[0]
         if nq == 0 or self.ntotal == 0:
-            return np.zeros(nq + 1, dtype=np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+            return empty_result_radius(nq)
         radius = min(radius, self.bits)  # keeps the kernels' uint64 compare in range
         # Always the parallel kernel: a serial twin would add JIT compile time.
         nchunks = max(1, min(numba.get_num_threads(), -(-self.ntotal // _bitops.TILE)))
@@ -185,12 +206,85 @@ class LinearScan:
         return lims, out_d, out_i
 
 
+class NumpyScan:
+    """Exact brute-force Hamming search in plain numpy, with :class:`LinearScan`'s interface and
+    results (the same distances; ties by position).
+
+    5-20x slower per query than LinearScan, but with nothing to compile or load: LinearScan costs a
+    fresh process ~0.5 s (importing numba, loading the kernels' cache) before its first answer, by
+    which time this scan has answered a one-off query on 10M 64-bit codes about ten times. The
+    ``"auto"`` searcher of :class:`hashindex.Index` starts here. Keeps a reference to ``codes`` (no
+    copy) and works through them in blocks of ``BLOCK_ROWS``, so its scratch memory is bounded.
+    """
+
+    BLOCK_ROWS = 1 << 16
+
+    def __init__(self, codes: np.ndarray):
+        codes = _check_codes(codes, "codes")
+        self.ntotal, self.nbytes = int(codes.shape[0]), int(codes.shape[1])
+        self.bits = 8 * self.nbytes
+        # whole 64-bit words where the code length allows: 8x fewer popcounts than bytes
+        self._words = codes.view(np.uint64) if self.nbytes % 8 == 0 else codes
+        self._distance_dtype = np.uint8 if self.bits <= 255 else np.uint16
+
+    def __repr__(self) -> str:
+        return f"NumpyScan(ntotal={self.ntotal}, bits={self.bits})"
+
+    def distances(self, query: np.ndarray) -> np.ndarray:
+        """Hamming distance of one query (``uint8 [nbytes]``) to every code, ``[N]``."""
+        query = np.ascontiguousarray(query).view(self._words.dtype)
+        out = np.empty(self.ntotal, dtype=self._distance_dtype)
+        for start in range(0, self.ntotal, self.BLOCK_ROWS):
+            block = np.bitwise_xor(self._words[start:start + self.BLOCK_ROWS], query)
+            np.bitwise_count(block, out=block)
+            total = out[start:start + len(block)]
+            np.copyto(total, block[:, 0], casting="unsafe")
+            for word in range(1, block.shape[1]):  # column sums: np.sum(axis=1) is 3x slower here
+                np.add(total, block[:, word], out=total, casting="unsafe")
+        return out
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`LinearScan.search`."""
+        queries = _check_queries(queries, self.nbytes)
+        k = _check_k(k)
+        out_d, out_i = empty_result(queries.shape[0], k)
+        if self.ntotal == 0:
+            return out_d, out_i
+        found = min(k, self.ntotal)
+        for q, query in enumerate(queries):
+            distance = self.distances(query)
+            # the k-th smallest distance from a histogram (distances are small integers), then a
+            # stable sort of the few rows within it: ties stay in position order
+            kth = int(np.searchsorted(np.cumsum(np.bincount(distance, minlength=self.bits + 1)), found))
+            rows = np.flatnonzero(distance <= kth)
+            rows = rows[np.argsort(distance[rows], kind="stable")[:found]]
+            out_d[q, :found], out_i[q, :found] = distance[rows], rows
+        return out_d, out_i
+
+    def radius_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`LinearScan.radius_search` (inclusive radius)."""
+        queries = _check_queries(queries, self.nbytes)
+        radius = _check_radius(radius)
+        if queries.shape[0] == 0 or self.ntotal == 0:
+            return empty_result_radius(queries.shape[0])
+        per_query = []
+        for query in queries:
+            distance = self.distances(query)
+            rows = np.flatnonzero(distance <= radius)
+            rows = rows[np.argsort(distance[rows], kind="stable")]
+            per_query.append((distance[rows].astype(np.int32), rows.astype(np.int64)))
+        lims = np.concatenate([[0], np.cumsum([len(rows) for _, rows in per_query])]).astype(np.int64)
+        return lims, np.concatenate([d for d, _ in per_query]), np.concatenate([r for _, r in per_query])
+
+
 def hamming_distances(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Full Hamming distance matrix, int32 ``[Q, N]`` (parallel numba).
 
     ``queries`` and ``codes`` are ``uint8`` packed codes with the same number
     of bytes; a 1-D ``queries`` is one query.
     """
+    from . import _bitops
+
     codes = _check_codes(codes, "codes")
     queries = _check_queries(queries, codes.shape[1], other="codes")
     nq, n = queries.shape[0], codes.shape[0]

@@ -93,6 +93,28 @@ def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monke
     assert never.searcher == "linear"
 
 
+def test_auto_searcher_starts_on_numpy_and_loads_the_kernels_once_that_pays(clustered, monkeypatch):
+    codes, _, index = clustered
+    # as in a fresh process: the numba kernels are not loaded yet
+    monkeypatch.delitem(sys.modules, "hashindex._bitops")
+    auto = hashindex.open(index.path)
+    assert auto.searcher == "numpy"
+    assert auto._choose(10**7) == "linear"  # a bulk call would cost the scan more than the load
+    queries = codes[:5] ^ np.uint8(8)
+    expected = hashindex.open(index.path, searcher="numpy").search(queries, 10)
+    started = time.perf_counter()
+    hashindex.open(index.path, searcher="numpy").search(queries, 10)
+    monkeypatch.setattr(hashindex.index, "KERNEL_LOAD_SECONDS", 5 * (time.perf_counter() - started))
+    engines = []
+    for _ in range(200):
+        engines.append(auto.searcher)
+        got = auto.search(queries, 10)
+        assert all((a == b).all() for a, b in zip(got, expected))
+        if engines[-1] == "linear":
+            break
+    assert engines[0] == "numpy" and engines[-1] == "linear", engines
+
+
 def test_search_skips_rejected_rows_and_keeps_row_positions(tmp_path, clustered):
     codes, _, _ = clustered
     index = hashindex.write_index(str(tmp_path / "masked"), codes)
@@ -100,6 +122,7 @@ def test_search_skips_rejected_rows_and_keeps_row_positions(tmp_path, clustered)
     valid = np.ones(500, bool)
     valid[::2] = False
     group["valid"][:] = valid
+    store.finish_version(group)  # the version's counts, which tell open whether any row is masked
     reopened = hashindex.open(index.path)
     distances, rows = reopened.search(codes[:4], 10)
     assert (rows % 2 == 1).all() and reopened.ntotal == 250
