@@ -215,16 +215,24 @@ def _scan_w1(tiles, t0, t1, n, q, hd, hi, k):
 
 
 @njit(cache=True)
-def _scan_w2(tiles, t0, t1, n, q, hd, hi, k):
+def _scan_w2(tiles, t0, t1, n, q, hd, hi, k, acc, streaming):
+    # ``streaming`` (one query: the tiles come from memory once): two passes per tile, first word
+    # into acc, then second word + min, each streaming one 512-byte run, 1.8x faster here. With
+    # several queries per cached block the fused single pass is 1.4x faster.
     q0 = q[0]
     q1 = q[1]
     worst = hd[0]
     for t in range(t0, t1):
         base = t * _U128
         m = _U128
-        for j in range(_U64):
-            d = popcount64(tiles[base + j] ^ q0) + popcount64(tiles[base + _U64 + j] ^ q1)
-            m = min(m, d)
+        if streaming:
+            for j in range(_U64):
+                acc[j] = popcount64(tiles[base + j] ^ q0)
+            for j in range(_U64):
+                m = min(m, acc[j] + popcount64(tiles[base + _U64 + j] ^ q1))
+        else:
+            for j in range(_U64):
+                m = min(m, popcount64(tiles[base + j] ^ q0) + popcount64(tiles[base + _U64 + j] ^ q1))
         if m < worst:
             worst = _push_tile(tiles, _U2, t, n, q, hd, hi, k)
 
@@ -260,7 +268,8 @@ def _tile_distances(tiles, w, t, q, acc):
 
 
 @njit(cache=True)
-def _scan_w4(tiles, t0, t1, n, q, hd, hi, k):
+def _scan_w4(tiles, t0, t1, n, q, hd, hi, k, acc, streaming):
+    # As _scan_w2; streaming: words 0-1 into acc, then words 2-3 + min
     q0 = q[0]
     q1 = q[1]
     q2 = q[2]
@@ -272,10 +281,15 @@ def _scan_w4(tiles, t0, t1, n, q, hd, hi, k):
         b2 = b1 + _U64
         b3 = b2 + _U64
         m = _U256
-        for j in range(_U64):
-            d = (popcount64(tiles[b0 + j] ^ q0) + popcount64(tiles[b1 + j] ^ q1)
-                 + popcount64(tiles[b2 + j] ^ q2) + popcount64(tiles[b3 + j] ^ q3))
-            m = min(m, d)
+        if streaming:
+            for j in range(_U64):
+                acc[j] = popcount64(tiles[b0 + j] ^ q0) + popcount64(tiles[b1 + j] ^ q1)
+            for j in range(_U64):
+                m = min(m, acc[j] + popcount64(tiles[b2 + j] ^ q2) + popcount64(tiles[b3 + j] ^ q3))
+        else:
+            for j in range(_U64):
+                m = min(m, (popcount64(tiles[b0 + j] ^ q0) + popcount64(tiles[b1 + j] ^ q1)
+                            + popcount64(tiles[b2 + j] ^ q2) + popcount64(tiles[b3 + j] ^ q3)))
         if m < worst:
             worst = _push_tile(tiles, _U4, t, n, q, hd, hi, k)
 
@@ -330,9 +344,9 @@ def _knn_chunk(tiles, w, n, queries, k, c, nchunks, block_tiles, hd, hi):
             if uw == _U1:
                 _scan_w1(tiles, b0, b1, un, q, chd, chi, uk)
             elif uw == _U2:
-                _scan_w2(tiles, b0, b1, un, q, chd, chi, uk)
+                _scan_w2(tiles, b0, b1, un, q, chd, chi, uk, acc, nq == 1)
             elif uw == _U4:
-                _scan_w4(tiles, b0, b1, un, q, chd, chi, uk)
+                _scan_w4(tiles, b0, b1, un, q, chd, chi, uk, acc, nq == 1)
             else:
                 _scan_generic(tiles, uw, b0, b1, un, q, chd, chi, uk, acc)
         b0 = b1
