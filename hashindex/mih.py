@@ -227,7 +227,8 @@ def _first_seen_here(ctab, w, p, q, masks, j, s):
 
 
 @njit(cache=True)
-def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i, ncollect, capd, capi):
+def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i, ncollect, capd, capi,
+           acc):
     """Visit bucket entries [lo, hi).
 
     k-NN mode (``bound`` < 0): offer first-seen entries to the heap; they must
@@ -238,55 +239,58 @@ def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, 
     if lo == hi:
         return ncollect
     limit = min(hd[0], capd) if bound < 0 else np.uint64(bound)
-    if w == _U1 and hi - lo >= _U64:
-        # Big bucket: check the minimum of each run of 64 entries (constant
-        # trip count, so fully vectorised); go entry by entry only in runs
-        # that hold a close entry.
+    if w == _U1:
+        # Runs of 64 entries: their distances in one vectorised pass (into acc), then only the
+        # entries within the limit, if any, get the scalar work. Until the heap has settled most
+        # runs hold such an entry, so keeping the distances matters as much as the minimum.
         q0 = q[0]
         p0 = lo
         while p0 < hi:
-            p1 = p0 + _U64
-            if p1 <= hi:
-                m = _U64
-                for jj in range(_U64):
-                    m = min(m, popcount64(ctab[p0 + jj] ^ q0))
+            p1 = min(p0 + _U64, hi)
+            m = _U64
+            if p1 - p0 == _U64:
+                for jj in range(_U64):  # constant trip count: fully vectorised
+                    d = popcount64(ctab[p0 + jj] ^ q0)
+                    acc[jj] = d
+                    m = min(m, d)
             else:
-                p1 = hi
-                m = _U0  # short tail: just look
+                for jj in range(p1 - p0):
+                    d = popcount64(ctab[p0 + jj] ^ q0)
+                    acc[jj] = d
+                    m = min(m, d)
             if m <= limit:
-                ncollect = _probe_entries(ctab, itab, w, p0, p1, q, masks, j, s, bound, hd, hi_, k, collect_d,
-                                          collect_i, ncollect, capd, capi)
-                limit = min(hd[0], capd) if bound < 0 else limit
+                for jj in range(p1 - p0):
+                    if acc[jj] <= limit:
+                        ncollect = _take(ctab, itab, w, p0 + jj, acc[jj], q, masks, j, s, bound, hd, hi_, k,
+                                         collect_d, collect_i, ncollect, capd, capi)
+                        limit = min(hd[0], capd) if bound < 0 else limit
             p0 = p1
         return ncollect
     # Most buckets hold nothing close enough: check their minimum first.
     if _bucket_min(ctab, w, lo, hi, q) > limit:
         return ncollect
-    return _probe_entries(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i,
-                          ncollect, capd, capi)
+    for p in range(lo, hi):
+        d = _distance(ctab, w, p, q)
+        if d <= limit:
+            ncollect = _take(ctab, itab, w, p, d, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i,
+                             ncollect, capd, capi)
+            limit = min(hd[0], capd) if bound < 0 else limit
+    return ncollect
 
 
 @njit(cache=True)
-def _probe_entries(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i, ncollect,
-                   capd, capi):
-    """Entry-by-entry part of :func:`_probe`."""
-    limit = min(hd[0], capd) if bound < 0 else np.uint64(bound)
-    for p in range(lo, hi):
-        d = _distance(ctab, w, p, q)
-        if d > limit:
-            continue
-        pos = np.int64(itab[p])
-        if bound < 0:
-            if not (_greater(hd[0], hi_[0], d, pos) and _greater(capd, capi, d, pos)):
-                continue
-            if _first_seen_here(ctab, w, p, q, masks, j, s):
-                _sift_down(hd, hi_, k, _U0, d, pos)
-                limit = min(hd[0], capd)
-        elif _first_seen_here(ctab, w, p, q, masks, j, s):
-            if collect_d.shape[0] > 0:
-                collect_d[ncollect] = np.int32(d)
-                collect_i[ncollect] = pos
-            ncollect += 1
+def _take(ctab, itab, w, p, d, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i, ncollect, capd, capi):
+    """Entry p at distance d (within the limit): into the heap or the results, if first seen here."""
+    pos = np.int64(itab[p])
+    if bound < 0:
+        if (_greater(hd[0], hi_[0], d, pos) and _greater(capd, capi, d, pos)
+                and _first_seen_here(ctab, w, p, q, masks, j, s)):
+            _sift_down(hd, hi_, k, _U0, d, pos)
+    elif _first_seen_here(ctab, w, p, q, masks, j, s):
+        if collect_d.shape[0] > 0:
+            collect_d[ncollect] = np.int32(d)
+            collect_i[ncollect] = pos
+        ncollect += 1
     return ncollect
 
 
@@ -303,6 +307,7 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
     if s > length:
         return ncollect, touched
     qj = _extract(q, np.uint64(sub_starts[j]), length)
+    acc = np.empty(64, dtype=np.uint64)  # one run's distances (_probe)
     upart = np.uint64(part)
     unparts = np.uint64(nparts)
     if not dense[j] and _binom(length, s) > nkeys[j]:
@@ -317,7 +322,7 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
             hi = sb + np.uint64(starts_[kk + np.uint64(j) + _U1])
             touched += hi - lo
             ncollect = _probe(ctab, itab, w, lo, hi, q, masks, j, s, radius, hd, hi_, uk,
-                              collect_d, collect_i, ncollect, capd, capi)
+                              collect_d, collect_i, ncollect, capd, capi, acc)
         touched += nkeys[j] // unparts
         return ncollect, touched
     blo = np.empty(_PREFETCH, dtype=np.uint64)
@@ -351,7 +356,7 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
                 if bhi[b] > blo[b]:
                     touched += bhi[b] - blo[b]
                     ncollect = _probe(ctab, itab, w, blo[b], bhi[b], q, masks, j, s, radius, hd, hi_, uk,
-                                      collect_d, collect_i, ncollect, capd, capi)
+                                      collect_d, collect_i, ncollect, capd, capi, acc)
             if touched > budget:
                 return ncollect, touched
     return ncollect, touched

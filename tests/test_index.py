@@ -96,7 +96,7 @@ def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monke
 def test_auto_searcher_starts_on_numpy_and_loads_the_kernels_once_that_pays(clustered, monkeypatch):
     codes, _, index = clustered
     # as in a fresh process: the numba kernels are not loaded yet
-    monkeypatch.delitem(sys.modules, "hashindex._bitops")
+    monkeypatch.delitem(sys.modules, "hashindex._bitops", raising=False)
     auto = hashindex.open(index.path)
     assert auto.searcher == "numpy"
     assert auto._choose(10**7) == "linear"  # a bulk call would cost the scan more than the load
