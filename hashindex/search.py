@@ -119,9 +119,9 @@ class LinearScan:
     bits : int     bits per code (``8 * nbytes``)
 
     Uses all numba threads (``numba.set_num_threads``); small calls run on one.
-    Speed: see ``bench/search_speed.py`` (2-core AMD EPYC: 6-12x faiss
+    Speed: see ``bench/search_speed.py`` (2-core AMD EPYC: 5.5-13x faiss
     IndexBinaryFlat at 1M/10M codes, 64/128 bits, except single 128-bit
-    queries at 10M, which are memory-bandwidth bound: ~2.5x).
+    queries at 10M, which are near the memory bandwidth: ~3x).
     """
 
     def __init__(self, codes: np.ndarray):
