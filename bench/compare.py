@@ -19,6 +19,8 @@ on 2 cores (the caps are recorded with every result).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -49,9 +51,13 @@ QUICK_E2E_IMAGES = 4096
 
 
 class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 10 ms (MB)."""
+    """Peak resident memory this process adds while the block runs, sampled every 10 ms (MB)."""
 
     def __enter__(self):
+        # hand memory freed by earlier runs back to the OS first: otherwise a run reuses what glibc
+        # kept from the previous method and shows +0 MB (as the 4d07bde and e4ad74d tables did)
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.start = self.peak = _rss_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
