@@ -53,7 +53,7 @@ from numba import njit, prange
 
 from . import _bitops
 from ._bitops import _U0, _U1, _U63, _U64, _USENT, _greater, _heapsort, _sift_down, popcount64, prefetch
-from .search import (LinearScan, empty_result, _check_codes, _check_k, _check_queries,
+from .search import (LinearScan, empty_result, empty_result_radius, _check_codes, _check_k, _check_queries,
                      _check_radius)
 
 __all__ = ["MultiIndexHashing", "default_m"]
@@ -675,7 +675,7 @@ class MultiIndexHashing:
         radius = _check_radius(radius)
         nq = queries.shape[0]
         if nq == 0 or self.ntotal == 0:
-            return np.zeros(nq + 1, dtype=np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+            return empty_result_radius(nq)
         radius = min(radius, self.bits)
         qwords = _bitops.pack_rows(queries)
         tables = self._tables()
