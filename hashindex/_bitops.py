@@ -46,6 +46,11 @@ _U63 = np.uint64(63)
 _U64 = np.uint64(64)
 _U128 = np.uint64(128)
 _U256 = np.uint64(256)
+_U8 = np.uint64(8)
+# Software prefetch distance for streaming scans, in words (8 KiB ahead). The hardware prefetcher
+# alone left a single-query 10M x 128-bit scan at about 2/3 of the bandwidth this VM reaches.
+# 8 KiB ahead was best of 4-32 KiB in alternating runs: 1.2-1.5x at 128 bits, ~1.1x at 64 bits.
+_PREFETCH_WORDS = np.uint64(1024)
 _USENT = np.uint64(SENTINEL_D)
 
 
@@ -199,13 +204,24 @@ def _push_tile(tiles, w, t, n, q, hd, hi, k):
     return worst
 
 
+@njit(inline="always")
+def _prefetch_ahead(tiles, base, nwords):
+    # One hint per 64-byte line of the tile _PREFETCH_WORDS ahead, while that tile exists.
+    pf = base + _PREFETCH_WORDS
+    if pf + nwords <= np.uint64(tiles.shape[0]):
+        for j in range(_U0, nwords, _U8):
+            prefetch(tiles, pf + j)
+
+
 @njit(cache=True)
-def _scan_w1(tiles, t0, t1, n, q, hd, hi, k):
+def _scan_w1(tiles, t0, t1, n, q, hd, hi, k, streaming):
     q0 = q[0]
     worst = hd[0]
     for t in range(t0, t1):
         base = t * _U64
         m = _U64
+        if streaming:
+            _prefetch_ahead(tiles, base, _U64)
         for j in range(_U64):
             d = popcount64(tiles[base + j] ^ q0)
             m = min(m, d)
@@ -226,6 +242,7 @@ def _scan_w2(tiles, t0, t1, n, q, hd, hi, k, acc, streaming):
         base = t * _U128
         m = _U128
         if streaming:
+            _prefetch_ahead(tiles, base, _U128)
             for j in range(_U64):
                 acc[j] = popcount64(tiles[base + j] ^ q0)
             for j in range(_U64):
@@ -282,6 +299,7 @@ def _scan_w4(tiles, t0, t1, n, q, hd, hi, k, acc, streaming):
         b3 = b2 + _U64
         m = _U256
         if streaming:
+            _prefetch_ahead(tiles, b0, _U256)
             for j in range(_U64):
                 acc[j] = popcount64(tiles[b0 + j] ^ q0) + popcount64(tiles[b1 + j] ^ q1)
             for j in range(_U64):
@@ -342,7 +360,7 @@ def _knn_chunk(tiles, w, n, queries, k, c, nchunks, block_tiles, hd, hi):
             chd = hd[c, qi]
             chi = hi[c, qi]
             if uw == _U1:
-                _scan_w1(tiles, b0, b1, un, q, chd, chi, uk)
+                _scan_w1(tiles, b0, b1, un, q, chd, chi, uk, nq == 1)
             elif uw == _U2:
                 _scan_w2(tiles, b0, b1, un, q, chd, chi, uk, acc, nq == 1)
             elif uw == _U4:
