@@ -205,3 +205,43 @@ def test_property_identical_to_linear_scan(monkeypatch, case):
     if k < n:  # k >= N goes to the linear scan by design
         no_fallback(index)
     assert_same_knn(index, scan, q, k)
+
+
+def _plan_for(codes, rng):
+    queries = codes[:32] ^ np.packbits(rng.random((32, 8 * codes.shape[1])) < 0.03, axis=1)
+    D, _ = LinearScan(codes).search(queries, 10)
+    return mih_mod.plan(codes, queries, D[:, -1])
+
+
+def test_plan_prefers_mih_on_clustered_codes_and_the_scan_on_random_ones():
+    rng = np.random.default_rng(11)
+    n = 1 << 16
+    random_plan = _plan_for(random_codes(rng, n, 8), rng)
+    clustered_plan = _plan_for(clustered_codes(rng, n, 8, centres=50, flip=0.05), rng)
+    # random 64-bit codes: neighbours at ~18 bits, MIH would touch most of 65k codes
+    assert random_plan.speedup < 1
+    # clustered: neighbours within a few bits, few buckets; longer substrings than the random-code default
+    assert clustered_plan.speedup > 1.5
+    assert clustered_plan.m < default_m(64, n)
+    assert clustered_plan.costs[clustered_plan.m] == min(clustered_plan.costs.values())
+    assert set(clustered_plan.costs) == set(range(2, 17))  # substrings of 4..32 bits
+
+
+def test_plan_rejects_queries_without_distances():
+    codes = random_codes(np.random.default_rng(12), 100, 8)
+    with pytest.raises(ValueError, match="one k-th distance per query, got 3 queries and 2 distances"):
+        mih_mod.plan(codes, codes[:3], [1, 2])
+    with pytest.raises(ValueError, match="queries have 4 bytes"):
+        mih_mod.plan(codes, codes[:3, :4], [1, 2, 3])
+
+
+def test_fallback_scan_is_built_only_when_a_query_needs_it(monkeypatch):
+    rng = np.random.default_rng(13)
+    db = clustered_codes(rng, 3000, 8, centres=3, flip=0.02)
+    index = MultiIndexHashing(db, 4)
+    q = db[:10] ^ np.uint8(1)
+    index.search(q, 5)
+    assert "_scan" not in index.__dict__  # no copy of the codes beside the tables
+    monkeypatch.setattr(index, "_budget", np.uint64(1))  # every query now gives up and scans
+    assert_same_knn(index, LinearScan(db), q, 5)
+    assert "_scan" in index.__dict__
