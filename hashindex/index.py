@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 import time
 from functools import cached_property
@@ -11,31 +12,29 @@ import numpy as np
 
 from . import store
 from .errors import HashindexError
-from .search import LinearScan, NumpyScan
+from .search import MISSING_DISTANCE, LinearScan, NumpyScan
 from .store import StoreError
 
 if TYPE_CHECKING:
     from .encoder import Encoder
 
+logger = logging.getLogger(__name__)
+
 SEARCHERS = ("auto", "numpy", "linear", "mih")
-# Where multi-index hashing beats the tuned linear scan per query, read off bench/search_speed.py on
-# this 2-core machine: at 10M 64-bit codes MIH answers single queries ~5x faster; at 1M codes, or at
-# 128 bits, the scan wins.
-MIH_MIN_CODES = 4_000_000
-MIH_MAX_BITS = 64
-# Building the tables costs ~0.25 µs a code (2.5 s for 10M 64-bit codes, m=5, counting sort): worth
-# it only for many queries.
-MIH_BUILD_SECONDS_PER_CODE = 2.5e-7
+# Building MIH tables costs ~60 ns per code, table and 64-bit word (10M 64-bit codes: ~3 s at m=5;
+# 10M 128-bit codes: ~8 s at m=7), plus ~0.4-1.2 s of planning (mih.plan).
+MIH_BUILD_SECONDS_PER_CODE = 6e-8
+MIH_PLAN_SECONDS = 1.0
+# "auto" builds MIH only where the cost model (mih.plan) expects it to answer this many times faster
+# than the scan: the model's times are within 2x of measured ones.
+MIH_MIN_SPEEDUP = 1.5
+# Queries (with their k-th distances) kept from the scan's answers for mih.plan.
+PLAN_QUERIES = 32
 # A fresh process spends ~0.5 s importing numba and loading the linear scan's compiled kernels before
 # its first answer; the numpy scan needs nothing loaded and costs ~4 ns per 64-bit word of the
 # database per query (16-40 ms for 10M 64-bit codes), so a one-off query is answered sooner by it.
 KERNEL_LOAD_SECONDS = 0.5
 NUMPY_SECONDS_PER_WORD = 4e-9
-
-
-def choose_searcher(ntotal: int, bits: int) -> str:
-    """Which searcher answers a query faster once built: the per-query half of the cost model."""
-    return "mih" if ntotal >= MIH_MIN_CODES and bits <= MIH_MAX_BITS else "linear"
 
 
 class Index:
@@ -52,8 +51,12 @@ class Index:
         self.path, self.version, self._group, self._searcher_choice = path, version, group, searcher
         self.attrs = group.attrs.asdict()
         self.bits = int(self.attrs["bits"])
-        self._scan_seconds = 0.0   # time the linear scan has spent answering ("auto" cost model)
+        self._scan_seconds = 0.0   # time the scans have spent answering ("auto" cost model)
         self._mih = None
+        self._plan = None          # mih.Plan, once "auto" has asked whether MIH pays
+        # recent queries answered by a scan and their k-th distances, for the plan
+        self._seen_queries = np.zeros((0, self.bits // 8), dtype=np.uint8)
+        self._seen_kth = np.zeros(0, dtype=np.int32)
 
     # -- arrays --------------------------------------------------------------------------------
     def _read(self, name: str) -> np.ndarray:
@@ -139,21 +142,53 @@ class Index:
         ``"auto"`` climbs by a rent-or-buy rule, each step taken once the time spent answering would
         have paid for it: the numpy scan answers first (nothing to load), the numba linear scan once
         loading its kernels (:data:`KERNEL_LOAD_SECONDS`) pays, and MIH once building its tables
-        pays, if it answers faster per query at this size (:func:`choose_searcher`). A one-off
-        ``hashindex query`` loads neither; a long-running process asking many queries gets MIH.
+        would have paid, if then MIH's cost model, run on the queries the scans answered
+        (:func:`hashindex.mih.plan`), expects it to be :data:`MIH_MIN_SPEEDUP` times faster on
+        these codes. A one-off ``hashindex query`` loads neither; a long-running process asking many
+        queries gets MIH where the data makes it pay (e.g. 10M 64-bit codes, or learned 128-bit ones).
         """
         if self._searcher_choice != "auto":
             return self._searcher_choice
         if self._mih is not None:
             return "mih"
         spent = self._scan_seconds
-        if choose_searcher(self.ntotal, self.bits) == "mih" and spent >= self.ntotal * MIH_BUILD_SECONDS_PER_CODE:
+        # spent >= MIH_PLAN_SECONDS first: the numpy stage ends before that, so a one-off query
+        # never imports numba here
+        if (self._plan is None and len(self._seen_kth) and spent >= MIH_PLAN_SECONDS
+                and spent >= self._mih_setup_seconds()):
+            self._make_plan()
+        if self._plan is not None and self._plan.speedup >= MIH_MIN_SPEEDUP:
             return "mih"
         kernels_ready = "_linear" in self.__dict__ or "hashindex._bitops" in sys.modules
         numpy_seconds = nqueries * self.ntotal * -(-self.bits // 64) * NUMPY_SECONDS_PER_WORD
         if kernels_ready or spent + numpy_seconds > KERNEL_LOAD_SECONDS:
             return "linear"
         return "numpy"
+
+    def _mih_setup_seconds(self) -> float:
+        from .mih import default_m  # numba is loaded by now: the linear scan answered
+
+        tables = default_m(self.bits, max(self.ntotal, 1)) * -(-self.bits // 64)
+        return self.ntotal * tables * MIH_BUILD_SECONDS_PER_CODE + MIH_PLAN_SECONDS
+
+    def _make_plan(self) -> None:
+        """Decide once, on the queries seen so far, whether MIH pays and with how many tables."""
+        from .mih import plan
+
+        self._plan = plan(self._searchable_codes, self._seen_queries, self._seen_kth)
+        logger.info("%s: MIH cost model on %d queries: m=%d, %.1fx the scan (%s)", self.path,
+                    len(self._seen_kth), self._plan.m, self._plan.speedup,
+                    "building MIH" if self._plan.speedup >= MIH_MIN_SPEEDUP else "keeping the scan")
+
+    def _remember(self, queries, distances: np.ndarray) -> None:
+        """Keep the latest PLAN_QUERIES scan-answered queries and their k-th distances for the plan."""
+        if self._searcher_choice != "auto" or self._plan is not None or distances.shape[1] == 0:
+            return
+        kth = distances[:, -1]
+        found = kth != MISSING_DISTANCE
+        queries = np.atleast_2d(np.asarray(queries))  # a single query may come as one row
+        self._seen_queries = np.concatenate([self._seen_queries, queries[found]])[-PLAN_QUERIES:]
+        self._seen_kth = np.concatenate([self._seen_kth, kth[found]])[-PLAN_QUERIES:]
 
     @cached_property
     def _searchable_codes(self) -> np.ndarray:
@@ -177,7 +212,7 @@ class Index:
             return self._linear
         if self._mih is None:
             from .mih import MultiIndexHashing
-            self._mih = MultiIndexHashing(self._searchable_codes)
+            self._mih = MultiIndexHashing(self._searchable_codes, m=self._plan.m if self._plan else None)
             self.__dict__.pop("_linear", None)  # one searcher's memory at a time
         return self._mih
 
@@ -195,6 +230,8 @@ class Index:
         Missing results (k larger than the index) are ``I = -1``.
         """
         distances, local = self._timed(_count(queries), lambda engine: engine.search(queries, k))
+        if self._mih is None:
+            self._remember(queries, distances)
         return distances, self._to_rows(local)
 
     def radius_search(self, queries: np.ndarray, radius: int):

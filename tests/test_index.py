@@ -57,17 +57,14 @@ def test_mih_searcher_gives_the_linear_scan_results(clustered):
         assert (a == b).all()
     for a, b in zip(linear.radius_search(queries, 5), mih.radius_search(queries, 5)):
         assert (a == b).all()
-    assert hashindex.open(index.path).searcher == "linear"  # 500 codes: the scan is cheaper
-    assert hashindex.index.choose_searcher(10_000_000, 64) == "mih"
-    assert hashindex.index.choose_searcher(10_000_000, 128) == "linear"
+    assert hashindex.open(index.path).searcher == "linear"  # no MIH before the cost model says so
     with pytest.raises(ValueError, match="searcher must be one of"):
         hashindex.open(index.path, searcher="fast")
 
 
 def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monkeypatch):
     codes, _, index = clustered
-    monkeypatch.setattr(hashindex.index, "MIH_MIN_CODES", 100)   # pretend MIH is faster at this size
-    # tables that cost as much as ~5 scans of 30 queries
+    monkeypatch.setattr(hashindex.mih, "SCAN_SECONDS_PER_WORD", 1e-3)  # pretend MIH is faster at this size
     auto = hashindex.open(index.path)
     linear = hashindex.open(index.path, searcher="linear")
     queries = codes[:30] ^ np.uint8(4)
@@ -75,7 +72,9 @@ def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monke
     started = time.perf_counter()
     linear.search(queries, 10)
     per_call = time.perf_counter() - started
-    monkeypatch.setattr(hashindex.index, "MIH_BUILD_SECONDS_PER_CODE", 5 * per_call / auto.ntotal)
+    # planning and tables that cost as much as ~5 scans of 30 queries
+    monkeypatch.setattr(hashindex.index, "MIH_PLAN_SECONDS", 5 * per_call)
+    monkeypatch.setattr(hashindex.index, "MIH_BUILD_SECONDS_PER_CODE", 0.0)
     engines = []
     for _ in range(200):
         engines.append(auto.searcher)
@@ -85,12 +84,17 @@ def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monke
             break
     assert engines[0] == "linear" and engines[-1] == "mih", engines
     assert auto.searcher == "mih" and "_linear" not in auto.__dict__  # the scan's copy is released
-    # an index where MIH is not faster per query never switches, however many queries it answers
-    monkeypatch.setattr(hashindex.index, "MIH_MIN_CODES", 10**9)
+    # the plan saw the scan's last queries and their k-th distances, and set the tables' m
+    assert auto._plan.speedup >= hashindex.index.MIH_MIN_SPEEDUP and auto._mih.m == auto._plan.m
+    last = hashindex.index.PLAN_QUERIES  # the latest ones, across calls
+    assert (auto._seen_queries == np.concatenate([queries, queries])[-last:]).all()
+    assert (auto._seen_kth == np.concatenate([expected[0], expected[0]])[-last:, -1]).all()
+    # where the model expects the scan to win, the index keeps scanning however many queries it answers
+    monkeypatch.setattr(hashindex.mih, "SCAN_SECONDS_PER_WORD", 1e-15)
     never = hashindex.open(index.path)
-    for _ in range(20):
+    for _ in range(40):
         never.search(queries, 10)
-    assert never.searcher == "linear"
+    assert never._plan is not None and never._plan.speedup < 1 and never.searcher == "linear"
 
 
 def test_auto_searcher_starts_on_numpy_and_loads_the_kernels_once_that_pays(clustered, monkeypatch):
