@@ -20,15 +20,17 @@ a max-heap on ``(distance, position)`` and enter if strictly smaller than
 its root, so ties come out in position order exactly as in
 :class:`~hashindex.search.LinearScan`.
 
-Tables are compact CSR arrays: per table, the positions (ids) and a copy of
-the full codes in bucket order (so a bucket's candidates are contiguous
-memory), plus either a dense offset array indexed by the key (when the key
-space is at most a few times N) or the sorted distinct keys with their
-offsets (binary search).
+Tables are CSR arrays: per table, the positions (ids) in bucket order and, in
+the default "copied" layout, a copy of the full codes in the same order (so a
+bucket's candidates are contiguous memory; "compact" keeps ids only and
+gathers candidates from the codes), plus either a dense offset array indexed
+by the key (when the key space is at most a few times N) or the sorted
+distinct keys with their offsets (binary search).
 
-A single query deals each large pass out to all threads (private heaps,
-capped by the k-th best so far and merged after the pass); batches run one
-query per thread.
+A single query runs on all threads in one parallel region: the keys of every
+pass are dealt round-robin to the threads, each with a private heap, and each
+thread stops by the smallest k-th distance any of them has published;
+batches run one query per thread.
 
 A query whose search would touch more table entries than half the database
 (heavily duplicated data, very large ``k`` or radius) falls back to the
@@ -52,13 +54,16 @@ from functools import cached_property
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from . import _bitops
 from ._bitops import _U0, _U1, _U63, _U64, _USENT, _greater, _heapsort, _sift_down, popcount64, prefetch
 from .search import (LinearScan, empty_result, empty_result_radius, _check_codes, _check_k, _check_queries,
                      _check_radius)
 
-__all__ = ["MultiIndexHashing", "Plan", "default_m", "plan"]
+__all__ = ["LAYOUTS", "MultiIndexHashing", "Plan", "default_m", "plan"]
+
+LAYOUTS = ("copied", "compact")
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +104,21 @@ def default_m(bits: int, n: int) -> int:
 SECONDS_PER_BUCKET = 2.8e-7
 SECONDS_PER_ENTRY_WORD = 1.3e-9
 SCAN_SECONDS_PER_WORD = 2.3e-10
+# The compact layout gathers each candidate from the codes: ~8.5 ns an entry (10M random 64-bit codes,
+# m=5: 200 q/s against 1,700-2,100 copied; learned codes, m=4: 1,030 against 3,860).
+SECONDS_PER_GATHER = 8.5e-9
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What :func:`plan` found: the best ``m`` and the estimated seconds per single query of MIH
-    with ``m`` tables and of the linear scan (``costs`` holds the estimate for every ``m`` tried)."""
+    """What :func:`plan` found for each layout: the best ``m`` and the estimated seconds per single
+    query of MIH with ``m`` tables, and of the linear scan. ``costs[layout][m]`` holds every
+    estimate."""
 
     m: int
     seconds: float
+    compact_m: int
+    compact_seconds: float
     scan_seconds: float
     costs: dict = field(default_factory=dict, repr=False)
 
@@ -115,6 +126,11 @@ class Plan:
     def speedup(self) -> float:
         """Estimated linear-scan time over MIH time per query (> 1: MIH is worth building)."""
         return self.scan_seconds / self.seconds
+
+    @property
+    def compact_speedup(self) -> float:
+        """The same for the compact layout (ids-only tables)."""
+        return self.scan_seconds / self.compact_seconds
 
 
 def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: int = 8192,
@@ -157,7 +173,8 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
             deepest = _deepest_pass(r, m)                                          # [q, m]
             entries[m][q0:q0 + 4] = (sub <= deepest[:, None, :]).sum(axis=(1, 2)) * scale
     scan_seconds = SCAN_SECONDS_PER_WORD * n * words
-    costs = {}
+    per_entry = {"copied": SECONDS_PER_ENTRY_WORD * words, "compact": SECONDS_PER_GATHER}
+    costs = {layout: {} for layout in LAYOUTS}
     for m in ms:
         _, lens = _substrings(bits, m)
         deepest = _deepest_pass(radii, m)
@@ -166,12 +183,18 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
         for j, length in enumerate(lens):
             within[j, 1:] = np.minimum(np.cumsum([math.comb(int(length), i) for i in range(bits + 1)]), n)
         buckets = within[np.arange(m)[None, :], np.clip(deepest + 1, 0, bits + 1)].sum(axis=1)
-        seconds = SECONDS_PER_BUCKET * buckets + SECONDS_PER_ENTRY_WORD * words * entries[m]
-        # past _FALLBACK_FRACTION of the database a query gives up and scans
-        seconds = np.minimum(seconds, SECONDS_PER_ENTRY_WORD * words * _FALLBACK_FRACTION * n + scan_seconds)
-        costs[m] = float(seconds.mean())
-    best = min(costs, key=costs.get)
-    return Plan(m=best, seconds=costs[best], scan_seconds=scan_seconds, costs=costs)
+        for layout, entry_seconds in per_entry.items():
+            seconds = SECONDS_PER_BUCKET * buckets + entry_seconds * entries[m]
+            # past _FALLBACK_FRACTION of the database a query gives up and scans
+            seconds = np.minimum(seconds, entry_seconds * _FALLBACK_FRACTION * n + scan_seconds)
+            costs[layout][m] = float(seconds.mean())
+    best = {}
+    for layout, by_m in costs.items():
+        best[layout] = min(by_m, key=by_m.get)
+        if by_m[best[layout]] >= scan_seconds:  # MIH does not pay at any m: the usual m, not an arbitrary one
+            best[layout] = min(max(default_m(bits, n), lo_m), hi_m)
+    return Plan(m=best["copied"], seconds=costs["copied"][best["copied"]], compact_m=best["compact"],
+                compact_seconds=costs["compact"][best["compact"]], scan_seconds=scan_seconds, costs=costs)
 
 
 def _deepest_pass(radii: np.ndarray, m: int) -> np.ndarray:
@@ -212,6 +235,32 @@ def _masks(starts, lens, nwords) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
+def _word(ctab, itab, w, p, ww):
+    """Word ``ww`` of the code at table entry ``p`` (compiled by :func:`_word_impl`)."""
+    raise NotImplementedError
+
+
+@overload(_word, inline="always")
+def _word_impl(ctab, itab, w, p, ww):
+    # The layout is told apart by type, so each compiles to its own straight-line access.
+    if ctab.ndim == 1:  # "copied": the codes themselves in bucket order, w words per entry
+        return lambda ctab, itab, w, p, ww: ctab[p * w + ww]
+    # "compact": the tables hold ids only; the code is gathered from the packed rows [N, W]
+    return lambda ctab, itab, w, p, ww: ctab[np.uint64(itab[p]), ww]
+
+
+def _prefetch_entry(ctab, itab, w, p):
+    """Hint the memory that entry ``p``'s bucket stream starts at (compiled by the overload)."""
+    raise NotImplementedError
+
+
+@overload(_prefetch_entry, inline="always")
+def _prefetch_entry_impl(ctab, itab, w, p):
+    if ctab.ndim == 1:
+        return lambda ctab, itab, w, p: prefetch(ctab, p * w)
+    return lambda ctab, itab, w, p: prefetch(itab, p)
+
+
 @njit(cache=True)
 def _counting_sort_scatter(words, key, off, ctab, itab):
     """Rows into their buckets: row i goes to the next free slot of bucket ``key[i]`` (bucket b
@@ -222,7 +271,8 @@ def _counting_sort_scatter(words, key, off, ctab, itab):
         b = key[i]
         p = fill[b]
         fill[b] = p + 1
-        ctab[p, :] = words[i, :]
+        if ctab.shape[0] > 0:  # "compact" passes an empty ctab: ids only
+            ctab[p, :] = words[i, :]
         itab[p] = i
 
 
@@ -277,39 +327,37 @@ def _binom(n, k):
 
 
 @njit(cache=True)
-def _distance(ctab, w, p, q):
-    base = p * w
+def _distance(ctab, itab, w, p, q):
     d = _U0
     for ww in range(w):
-        d += popcount64(ctab[base + ww] ^ q[ww])
+        d += popcount64(_word(ctab, itab, w, p, ww) ^ q[ww])
     return d
 
 
 @njit(cache=True)
-def _bucket_min(ctab, w, lo, hi, q):
+def _bucket_min(ctab, itab, w, lo, hi, q):
     m = _USENT
     if w == _U1:
         q0 = q[0]
         for p in range(lo, hi):
-            m = min(m, popcount64(ctab[p] ^ q0))
+            m = min(m, popcount64(_word(ctab, itab, _U1, p, _U0) ^ q0))
     else:
         for p in range(lo, hi):
-            m = min(m, _distance(ctab, w, p, q))
+            m = min(m, _distance(ctab, itab, w, p, q))
     return m
 
 
 @njit(cache=True)
-def _first_seen_here(ctab, w, p, q, masks, j, s):
+def _first_seen_here(ctab, itab, w, p, q, masks, j, s):
     """True if the entry at p, found in table j at substring distance s, is at
     its first pass: no table j2 < j within s, no table j2 > j within s - 1."""
     m = masks.shape[0]
-    base = p * w
     for j2 in range(m):
         if j2 == j:
             continue
         d2 = _U0
         for ww in range(w):
-            d2 += popcount64((ctab[base + ww] ^ q[ww]) & masks[j2, ww])
+            d2 += popcount64((_word(ctab, itab, w, p, ww) ^ q[ww]) & masks[j2, ww])
         if j2 < j:
             if d2 <= s:
                 return False
@@ -342,12 +390,12 @@ def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, 
             m = _U64
             if p1 - p0 == _U64:
                 for jj in range(_U64):  # constant trip count: fully vectorised
-                    d = popcount64(ctab[p0 + jj] ^ q0)
+                    d = popcount64(_word(ctab, itab, _U1, p0 + jj, _U0) ^ q0)
                     acc[jj] = d
                     m = min(m, d)
             else:
                 for jj in range(p1 - p0):
-                    d = popcount64(ctab[p0 + jj] ^ q0)
+                    d = popcount64(_word(ctab, itab, _U1, p0 + jj, _U0) ^ q0)
                     acc[jj] = d
                     m = min(m, d)
             if m <= limit:
@@ -359,10 +407,10 @@ def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, 
             p0 = p1
         return ncollect
     # Most buckets hold nothing close enough: check their minimum first.
-    if _bucket_min(ctab, w, lo, hi, q) > limit:
+    if _bucket_min(ctab, itab, w, lo, hi, q) > limit:
         return ncollect
     for p in range(lo, hi):
-        d = _distance(ctab, w, p, q)
+        d = _distance(ctab, itab, w, p, q)
         if d <= limit:
             ncollect = _take(ctab, itab, w, p, d, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i,
                              ncollect, capd, capi)
@@ -376,9 +424,9 @@ def _take(ctab, itab, w, p, d, q, masks, j, s, bound, hd, hi_, k, collect_d, col
     pos = np.int64(itab[p])
     if bound < 0:
         if (_greater(hd[0], hi_[0], d, pos) and _greater(capd, capi, d, pos)
-                and _first_seen_here(ctab, w, p, q, masks, j, s)):
+                and _first_seen_here(ctab, itab, w, p, q, masks, j, s)):
             _sift_down(hd, hi_, k, _U0, d, pos)
-    elif _first_seen_here(ctab, w, p, q, masks, j, s):
+    elif _first_seen_here(ctab, itab, w, p, q, masks, j, s):
         if collect_d.shape[0] > 0:
             collect_d[ncollect] = np.int32(d)
             collect_i[ncollect] = pos
@@ -391,7 +439,7 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
                 direct_base, keys, key_base, nkeys, starts_, budget, hd, hi_, uk, collect_d, collect_i,
                 ncollect, capd, capi):
     """Pass (s, j): probe every bucket of table j at key distance exactly s,
-    or only share ``part`` of ``nparts`` (batches of keys dealt round-robin).
+    or only share ``part`` of ``nparts`` (keys dealt round-robin).
     Returns (ncollect, entries and buckets touched); stops early once the
     touched count exceeds ``budget``."""
     length = np.uint64(sub_lens[j])
@@ -407,7 +455,7 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
         # distinct keys is cheaper than enumerating them.
         k0 = key_base[j]
         for kk in range(k0, k0 + nkeys[j]):
-            if (kk // _U64) % unparts != upart or popcount64(keys[kk] ^ qj) != s:
+            if kk % unparts != upart or popcount64(keys[kk] ^ qj) != s:
                 continue
             sb = np.uint64(j) * np.uint64(n)
             lo = sb + np.uint64(starts_[kk + np.uint64(j)])
@@ -421,15 +469,16 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
     bhi = np.empty(_PREFETCH, dtype=np.uint64)
     top = _U1 << length
     v = (_U1 << s) - _U1
-    batch = _U0
+    key_index = _U0
+    rotate = s * np.uint64(sub_lens.shape[0]) + np.uint64(j)  # pass (s, j)'s first key: share (s*m + j) % nparts
     while v < top:
-        # Look up a batch of buckets and prefetch their heads, so the random
-        # DRAM accesses overlap instead of queueing one after the other.
-        mine = batch % unparts == upart
-        batch += _U1
+        # Look up a batch of this share's buckets and prefetch their heads, so the random DRAM
+        # accesses overlap instead of queueing one after the other. Keys are dealt one by one
+        # (key_index % nparts): dealing whole batches left one thread idle for a third of a
+        # 78-key pass.
         nb = 0
         while v < top and nb < _PREFETCH:
-            if mine:
+            if (key_index + rotate) % unparts == upart:
                 lo, hi = _lookup(j, qj ^ v, dense, direct, direct_base, keys, key_base, nkeys, starts_,
                                  np.uint64(n))
                 touched += _U1
@@ -437,20 +486,20 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
                 bhi[nb] = hi
                 if hi > lo:
                     for line in range(_PREFETCH_LINES):
-                        prefetch(ctab, (lo + np.uint64(line) * _U8) * w)
-            nb += 1
+                        _prefetch_entry(ctab, itab, w, lo + np.uint64(line) * _U8)
+                nb += 1
+            key_index += _U1
             if s == _U0:
                 v = top
             else:
                 v = _next_combination(v)
-        if mine:
-            for b in range(nb):
-                if bhi[b] > blo[b]:
-                    touched += bhi[b] - blo[b]
-                    ncollect = _probe(ctab, itab, w, blo[b], bhi[b], q, masks, j, s, radius, hd, hi_, uk,
-                                      collect_d, collect_i, ncollect, capd, capi, acc)
-            if touched > budget:
-                return ncollect, touched
+        for b in range(nb):
+            if bhi[b] > blo[b]:
+                touched += bhi[b] - blo[b]
+                ncollect = _probe(ctab, itab, w, blo[b], bhi[b], q, masks, j, s, radius, hd, hi_, uk,
+                                  collect_d, collect_i, ncollect, capd, capi, acc)
+        if touched > budget:
+            return ncollect, touched
     return ncollect, touched
 
 
@@ -511,73 +560,74 @@ def _knn_parallel(queries, w, n, k, sub_starts, sub_lens, masks, ctab, itab, den
                    keys, key_base, nkeys, starts_, budget, hd, hi_, out_d, ok)
 
 
-@njit(cache=True, parallel=True)
-def _pass_parallel(q, n, w, j, s, nparts, masks, sub_starts, sub_lens, ctab, itab, dense, direct, direct_base,
-                   keys, key_base, nkeys, starts_, budget, hd2, hi2, uk, capd, capi, touched_out):
-    for t in prange(nparts):
-        none_d = np.empty(0, dtype=np.int32)
-        none_i = np.empty(0, dtype=np.int64)
-        _, tch = _pass_share(q, n, w, j, s, t, nparts, np.int64(-1), masks, sub_starts, sub_lens, ctab, itab,
-                             dense, direct, direct_base, keys, key_base, nkeys, starts_, budget, hd2[t], hi2[t],
-                             uk, none_d[0:0], none_i[0:0], 0, capd, capi)
-        touched_out[t] = tch
-
-
 @njit(cache=True)
-def _knn_one_split(q, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base, keys,
-                   key_base, nkeys, starts_, budget, hd2, hi2, out_d, out_i, split_min_keys):
-    """k-NN of a single query using every thread: each large pass is dealt
-    out to ``nparts`` threads with private heaps (capped by the k-th best so
-    far), merged after the pass.  Row 0 of hd2/hi2 [nparts, k] is the query's
-    heap.  A code is taken only at its first pass, so the private heaps hold
-    distinct codes and the merge needs no dedup.  Returns False if the budget
-    ran out."""
-    nparts = hd2.shape[0]
+def _knn_share(q, w, n, k, part, nparts, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base,
+               keys, key_base, nkeys, starts_, budget, hd, hi_, worst):
+    """Share ``part`` of a single query's k-NN: every pass, but only the keys dealt to this share
+    (_pass_share), into a private heap. ``worst[t, 0]`` publishes each share's k-th distance; a share
+    stops once the smallest of them is within reach of the passes done (``<= m*s + j``): a code not
+    seen yet is farther than that, so it is farther than the global k-th best. Shares read the
+    others' values without locks: a stale value is larger, so it only makes a share stop later.
+    Returns False if this share's budget ran out."""
     m = sub_lens.shape[0]
     maxlen = np.uint64(0)
     for j in range(m):
         maxlen = max(maxlen, np.uint64(sub_lens[j]))
     uk = np.uint64(k)
     touched = _U0
-    touched_out = np.zeros(nparts, dtype=np.uint64)
     none_d = np.empty(0, dtype=np.int32)
     none_i = np.empty(0, dtype=np.int64)
-    done = False
     for s_ in range(maxlen + _U1):
         s = np.uint64(s_)
         for j in range(m):
-            length = np.uint64(sub_lens[j])
-            if s <= length and _binom(length, s) >= split_min_keys:
-                for t in range(1, nparts):
-                    hd2[t, :] = _USENT
-                    hi2[t, :] = -1
-                _pass_parallel(q, n, w, j, s, nparts, masks, sub_starts, sub_lens, ctab, itab, dense, direct,
-                               direct_base, keys, key_base, nkeys, starts_, budget - touched, hd2, hi2, uk,
-                               hd2[0, 0], hi2[0, 0], touched_out)
-                tch = _U0
-                for t in range(nparts):
-                    tch += touched_out[t]
-                for t in range(1, nparts):
-                    for e in range(k):
-                        if hi2[t, e] >= 0 and _greater(hd2[0, 0], hi2[0, 0], hd2[t, e], hi2[t, e]):
-                            _sift_down(hd2[0], hi2[0], uk, _U0, hd2[t, e], hi2[t, e])
-            else:
-                _, tch = _pass_share(q, n, w, j, s, 0, 1, np.int64(-1), masks, sub_starts, sub_lens, ctab, itab,
-                                     dense, direct, direct_base, keys, key_base, nkeys, starts_, budget - touched,
-                                     hd2[0], hi2[0], uk, none_d[0:0], none_i[0:0], 0, _USENT, np.int64(-1))
+            others = _USENT
+            for t in range(nparts):
+                if t != part:
+                    others = min(others, worst[t, 0])
+            # (others, max id): a candidate may tie the others' k-th distance, never exceed it
+            _, tch = _pass_share(q, n, w, j, s, part, nparts, np.int64(-1), masks, sub_starts, sub_lens, ctab,
+                                 itab, dense, direct, direct_base, keys, key_base, nkeys, starts_,
+                                 budget - touched, hd, hi_, uk, none_d[0:0], none_i[0:0], 0, others,
+                                 np.int64(np.iinfo(np.int64).max))
             if tch > budget - touched:
+                worst[part, 0] = _U0  # the query falls back to the scan: stop the other shares too
                 return False
             touched += tch
-            if hd2[0, 0] <= np.uint64(m) * s + np.uint64(j):  # every code within m*s + j seen
-                done = True
-                break
-        if done:
-            break
-    _heapsort(hd2[0], hi2[0])
-    for e in range(k):
-        out_d[e] = np.int32(hd2[0, e])
-        out_i[e] = hi2[0, e]
+            worst[part, 0] = min(worst[part, 0], hd[0])
+            kth = worst[part, 0]
+            for t in range(nparts):
+                kth = min(kth, worst[t, 0])
+            if kth <= np.uint64(m) * s + np.uint64(j):  # every code within m*s + j seen
+                return True
     return True
+
+
+@njit(cache=True, parallel=True)
+def _knn_split(q, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base, keys,
+               key_base, nkeys, starts_, budget, hd2, hi2, worst, ok):
+    # Kept minimal: numba's parallel compile time grows with the kernel body.
+    for t in prange(hd2.shape[0]):
+        ok[t] = _knn_share(q, w, n, k, t, hd2.shape[0], sub_starts, sub_lens, masks, ctab, itab, dense, direct,
+                           direct_base, keys, key_base, nkeys, starts_, budget, hd2[t, :k], hi2[t, :k], worst)
+
+
+def _knn_one_split(q, w, n, k, tables, budget, nparts):
+    """k-NN of a single query on ``nparts`` threads in one parallel region (no barrier per pass):
+    the keys of every pass are dealt round-robin to the shares, each with a private heap; a code is
+    taken only at its first pass, so the heaps hold distinct codes and merge without dedup.
+    Returns (D, I) rows, or None if the query should fall back to the scan."""
+    # each share's heap (and k-th distance) on cache lines of its own: no false sharing
+    stride = k + 8
+    hd2 = np.full((nparts, stride), _bitops.SENTINEL_D, dtype=np.uint64)
+    hi2 = np.full((nparts, stride), -1, dtype=np.int64)
+    worst = np.full((nparts, 8), _bitops.SENTINEL_D, dtype=np.uint64)
+    ok = np.ones(nparts, dtype=np.bool_)
+    # the fallback rule ("more than half the database") holds for the shares' sum
+    _knn_split(q, w, n, k, *tables, np.uint64(max(1, int(budget) // nparts)), hd2, hi2, worst, ok)
+    if not ok.all():
+        return None
+    D, I = _bitops._merge_all(np.ascontiguousarray(hd2[:, None, :k]), np.ascontiguousarray(hi2[:, None, :k]))
+    return D[0], I[0]
 
 
 @njit(cache=True)
@@ -640,17 +690,29 @@ class MultiIndexHashing:
         of about ``log2(N) - 10`` bits, e.g. m=5 for 64-bit codes at 10M).
         Substrings are at most 32 bits.
 
-    Memory: ``m`` tables each holding a copy of the codes and the ids in bucket
-    order (``m * N * (8 * ceil(nbytes / 8) + 4)`` bytes with int32 ids) plus
-    bucket offsets (10M 64-bit codes: 460 MB at m=4, 570 MB at m=5), plus a
-    linear-scan copy of the codes if some query falls back to it. Fewer
-    tables cost less memory; :func:`plan` picks ``m`` from the data.
+    layout : {"copied", "compact"}
+        ``"copied"`` (default): each of the ``m`` tables holds the ids and a
+        copy of the codes in bucket order, so a bucket's candidates are read
+        sequentially: ``m * N * (8 * ceil(nbytes / 8) + 4)`` bytes with int32
+        ids, plus bucket offsets (10M 64-bit codes: 460 MB at m=4, 570 MB at
+        m=5, against 76 MB of codes). ``"compact"``: the tables hold ids only
+        (``m * N * 4`` bytes) and candidates are gathered from the packed codes,
+        which are searched in place, not copied (when ``nbytes`` is a multiple
+        of 8 and ``codes`` is C-contiguous; do not modify them afterwards):
+        a random memory access per candidate, so slower where many candidates
+        are checked (random codes), close where few are (learned codes).
+
+    A linear-scan copy of the codes is made only if some query falls back to
+    it. Fewer tables cost less memory; :func:`plan` picks ``m`` from the data.
 
     Attributes: ``ntotal``, ``nbytes``, ``bits``, ``m`` as for LinearScan;
     ``split_single_query`` (default True) lets one query use all threads.
     """
 
-    def __init__(self, codes: np.ndarray, m: int | None = None):
+    def __init__(self, codes: np.ndarray, m: int | None = None, layout: str = "copied"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        self.layout = layout
         codes = _check_codes(codes, "codes")
         self.ntotal = int(codes.shape[0])
         self.nbytes = int(codes.shape[1])
@@ -666,8 +728,6 @@ class MultiIndexHashing:
         #: Deal a single query's large passes out to all threads (True), or
         #: answer it on one thread (better when the cores are oversubscribed).
         self.split_single_query = True
-        # passes with fewer keys stay on one thread (a parallel region costs more)
-        self._split_min_keys = 32
         self._words = _bitops.words_per_code(self.nbytes)
         self._build(_bitops.pack_rows(codes))
 
@@ -677,12 +737,15 @@ class MultiIndexHashing:
         its copy of the codes costs memory only where the data needs it) from table 0, which holds
         every code: row ``itab[0][p]`` is ``ctab[0][p]``."""
         n, nw = self.ntotal, self._words
-        words = np.empty((n, nw), dtype=np.uint64)
-        words[self._itab[:n]] = self._ctab[:n * nw].reshape(n, nw)
+        if self.layout == "compact":
+            words = self._ctab
+        else:
+            words = np.empty((n, nw), dtype=np.uint64)
+            words[self._itab[:n]] = self._ctab[:n * nw].reshape(n, nw)
         return LinearScan(words.view(np.uint8)[:, :self.nbytes])
 
     def __repr__(self) -> str:
-        return f"MultiIndexHashing(ntotal={self.ntotal}, bits={self.bits}, m={self.m})"
+        return f"MultiIndexHashing(ntotal={self.ntotal}, bits={self.bits}, m={self.m}, layout={self.layout!r})"
 
     def _build(self, words: np.ndarray) -> None:
         n, m, nw = self.ntotal, self.m, self._words
@@ -690,7 +753,8 @@ class MultiIndexHashing:
         self._masks = _masks(self._sub_starts, self._sub_lens, nw)
         id_dtype = np.int32 if n < 2**31 else np.int64
         off_dtype = np.int32 if n < 2**31 else np.int64
-        ctab = np.empty((m, n, nw), dtype=np.uint64)
+        copied = self.layout == "copied"
+        ctab = np.empty((m, n if copied else 0, nw), dtype=np.uint64)
         itab = np.empty((m, n), dtype=id_dtype)
         dense = np.zeros(m, dtype=np.bool_)
         direct, direct_base = [], np.zeros(m, dtype=np.uint64)
@@ -712,7 +776,8 @@ class MultiIndexHashing:
                 keys.append(np.zeros(0, dtype=np.uint64))
             else:  # key space too large for a dense offset array: sort, and binary-search the keys
                 order = np.argsort(key, kind="stable")  # ids ascending inside each bucket
-                ctab[j] = words[order]
+                if copied:
+                    ctab[j] = words[order]
                 itab[j] = order
                 skey = key[order]
                 del key, order
@@ -724,7 +789,8 @@ class MultiIndexHashing:
                 starts_.append(np.append(first, n).astype(off_dtype))
                 nk += uniq.size
                 del skey
-        self._ctab = ctab.reshape(-1)
+        # the kernels tell the layouts apart by ctab's rank (_word)
+        self._ctab = ctab.reshape(-1) if copied else np.ascontiguousarray(words)
         self._itab = itab.reshape(-1)
         self._dense = dense
         self._direct = np.concatenate(direct) if direct else np.zeros(1, dtype=off_dtype)
@@ -753,10 +819,10 @@ class MultiIndexHashing:
         I = np.full((nq, k), -1, dtype=np.int64)
         nthreads = numba.get_num_threads()
         if nq == 1 and nthreads > 1 and self.split_single_query:
-            heap_d = np.full((nthreads, k), _bitops.SENTINEL_D, dtype=np.uint64)
-            heap_i = np.full((nthreads, k), -1, dtype=np.int64)
-            ok = np.array([_knn_one_split(qwords[0], self._words, self.ntotal, k, *self._tables(), self._budget,
-                                          heap_d, heap_i, D[0], I[0], np.uint64(self._split_min_keys))])
+            found = _knn_one_split(qwords[0], self._words, self.ntotal, k, self._tables(), self._budget, nthreads)
+            ok = np.array([found is not None])
+            if found is not None:
+                D[0], I[0] = found
         else:
             heap_d = np.full((nq, k), _bitops.SENTINEL_D, dtype=np.uint64)
             ok = np.ones(nq, dtype=np.bool_)

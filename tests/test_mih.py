@@ -1,5 +1,8 @@
 """Multi-index hashing must return exactly what LinearScan returns."""
 
+import functools
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -10,6 +13,14 @@ from hashindex.search import LinearScan
 from conftest import clustered_codes, random_codes
 
 
+
+
+@pytest.fixture(autouse=True, params=mih_mod.LAYOUTS)
+def layout(request, monkeypatch):
+    """Every test runs on both table layouts: this module's MultiIndexHashing builds ``layout``."""
+    monkeypatch.setattr(sys.modules[__name__], "MultiIndexHashing",
+                        functools.partial(mih_mod.MultiIndexHashing, layout=request.param))
+    return request.param
 
 
 @pytest.fixture(params=["mih-only", "default-budget"])
@@ -73,7 +84,6 @@ def test_single_query_split_over_threads(split, kind, monkeypatch):
         codes = make(rng, 3000 + 8, nbytes)
         db, q = codes[:3000], codes[3000:]
         index, scan = no_fallback(MultiIndexHashing(db, m)), LinearScan(db)
-        index._split_min_keys = 1  # split even the smallest pass
         index.split_single_query = split == "every-pass"
         for i in range(len(q)):
             for k in (1, 10, 100):
@@ -223,8 +233,12 @@ def test_plan_prefers_mih_on_clustered_codes_and_the_scan_on_random_ones():
     # clustered: neighbours within a few bits, few buckets; longer substrings than the random-code default
     assert clustered_plan.speedup > 1.5
     assert clustered_plan.m < default_m(64, n)
-    assert clustered_plan.costs[clustered_plan.m] == min(clustered_plan.costs.values())
-    assert set(clustered_plan.costs) == set(range(2, 17))  # substrings of 4..32 bits
+    copied = clustered_plan.costs["copied"]
+    assert copied[clustered_plan.m] == clustered_plan.seconds == min(copied.values())
+    assert set(copied) == set(range(2, 17))  # substrings of 4..32 bits
+    # gathering each candidate costs more than streaming it: the compact layout is never estimated faster
+    assert clustered_plan.compact_seconds >= clustered_plan.seconds
+    assert all(clustered_plan.costs["compact"][m] >= copied[m] for m in copied)
 
 
 def test_plan_rejects_queries_without_distances():
@@ -245,3 +259,17 @@ def test_fallback_scan_is_built_only_when_a_query_needs_it(monkeypatch):
     monkeypatch.setattr(index, "_budget", np.uint64(1))  # every query now gives up and scans
     assert_same_knn(index, LinearScan(db), q, 5)
     assert "_scan" in index.__dict__
+
+
+def test_compact_layout_holds_ids_only_and_searches_the_codes_in_place(layout):
+    rng = np.random.default_rng(14)
+    db = clustered_codes(rng, 5000, 8, centres=20, flip=0.05)
+    index = MultiIndexHashing(db, 4)
+    tables = index._ctab.nbytes + index._itab.nbytes
+    if layout == "compact":
+        assert np.shares_memory(index._ctab, db) and tables == db.nbytes + 4 * 4 * len(db)
+    else:
+        assert not np.shares_memory(index._ctab, db) and tables == 4 * (8 + 4) * len(db)
+    assert_same_knn(no_fallback(index), LinearScan(db), db[:20] ^ np.uint8(16), 10)
+    with pytest.raises(ValueError, match="layout must be one of copied, compact, got 'small'"):
+        mih_mod.MultiIndexHashing(db, 4, layout="small")
