@@ -79,9 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--id", nargs="+", metavar="ID", help="ids of images in the index")
     p.add_argument("-k", type=int, default=10, help="number of neighbours (default: %(default)s)")
     p.add_argument("--radius", type=int, help="return every row within this Hamming distance instead of k")
-    p.add_argument("--searcher", choices=("auto", "numpy", "linear", "mih"), default="auto",
-                   help="numpy scan, numba linear scan, multi-index hashing, or chosen by cost "
-                        "(default: %(default)s)")
+    p.add_argument("--searcher", choices=("auto", "numpy", "linear", "mih", "mih-compact"), default="auto",
+                   help="numpy scan, numba linear scan, multi-index hashing (compact: ids-only tables, "
+                        "less memory, slower), or chosen by cost (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("info", help="describe an index")

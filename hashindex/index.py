@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SEARCHERS = ("auto", "numpy", "linear", "mih")
+SEARCHERS = ("auto", "numpy", "linear", "mih", "mih-compact")
 # Building MIH tables costs ~60 ns per code, table and 64-bit word (10M 64-bit codes: ~3 s at m=5;
 # 10M 128-bit codes: ~8 s at m=7), plus ~0.4-1.2 s of planning (mih.plan).
 MIH_BUILD_SECONDS_PER_CODE = 6e-8
@@ -28,6 +28,9 @@ MIH_PLAN_SECONDS = 1.0
 # "auto" builds MIH only where the cost model (mih.plan) expects it to answer this many times faster
 # than the scan: the model's times are within 2x of measured ones.
 MIH_MIN_SPEEDUP = 1.5
+# "auto" builds the faster copied MIH tables only if they take at most this share of the memory
+# available then; otherwise the compact ones (ids only), if they pay, else it keeps scanning.
+MIH_MEMORY_SHARE = 0.5
 # Queries (with their k-th distances) kept from the scan's answers for mih.plan.
 PLAN_QUERIES = 32
 # A fresh process spends ~0.5 s importing numba and loading the linear scan's compiled kernels before
@@ -144,21 +147,25 @@ class Index:
         loading its kernels (:data:`KERNEL_LOAD_SECONDS`) pays, and MIH once building its tables
         would have paid, if then MIH's cost model, run on the queries the scans answered
         (:func:`hashindex.mih.plan`), expects it to be :data:`MIH_MIN_SPEEDUP` times faster on
-        these codes. A one-off ``hashindex query`` loads neither; a long-running process asking many
-        queries gets MIH where the data makes it pay (e.g. 10M 64-bit codes, or learned 128-bit ones).
+        these codes; with compact tables if the copied ones would take more than
+        :data:`MIH_MEMORY_SHARE` of the available memory. A one-off ``hashindex query`` loads
+        neither; a long-running process asking many queries gets MIH where the data makes it pay
+        (e.g. 10M 64-bit codes, or learned 128-bit ones).
         """
         if self._searcher_choice != "auto":
             return self._searcher_choice
         if self._mih is not None:
-            return "mih"
+            return "mih-compact" if self._mih.layout == "compact" else "mih"
         spent = self._scan_seconds
         # spent >= MIH_PLAN_SECONDS first: the numpy stage ends before that, so a one-off query
         # never imports numba here
         if (self._plan is None and len(self._seen_kth) and spent >= MIH_PLAN_SECONDS
                 and spent >= self._mih_setup_seconds()):
             self._make_plan()
-        if self._plan is not None and self._plan.speedup >= MIH_MIN_SPEEDUP:
+        if self._plan is not None and self._plan.speedup >= MIH_MIN_SPEEDUP and self._copied_tables_fit():
             return "mih"
+        if self._plan is not None and self._plan.compact_speedup >= MIH_MIN_SPEEDUP:
+            return "mih-compact"
         kernels_ready = "_linear" in self.__dict__ or "hashindex._bitops" in sys.modules
         numpy_seconds = nqueries * self.ntotal * -(-self.bits // 64) * NUMPY_SECONDS_PER_WORD
         if kernels_ready or spent + numpy_seconds > KERNEL_LOAD_SECONDS:
@@ -171,14 +178,20 @@ class Index:
         tables = default_m(self.bits, max(self.ntotal, 1)) * -(-self.bits // 64)
         return self.ntotal * tables * MIH_BUILD_SECONDS_PER_CODE + MIH_PLAN_SECONDS
 
+    def _copied_tables_fit(self) -> bool:
+        import psutil  # dask's own dependency
+
+        table_bytes = self._plan.m * self.ntotal * (8 * -(-self.bits // 64) + 4)
+        return table_bytes <= MIH_MEMORY_SHARE * psutil.virtual_memory().available
+
     def _make_plan(self) -> None:
         """Decide once, on the queries seen so far, whether MIH pays and with how many tables."""
         from .mih import plan
 
         self._plan = plan(self._searchable_codes, self._seen_queries, self._seen_kth)
-        logger.info("%s: MIH cost model on %d queries: m=%d, %.1fx the scan (%s)", self.path,
-                    len(self._seen_kth), self._plan.m, self._plan.speedup,
-                    "building MIH" if self._plan.speedup >= MIH_MIN_SPEEDUP else "keeping the scan")
+        logger.info("%s: MIH cost model on %d queries: copied tables m=%d %.1fx the scan, compact m=%d "
+                    "%.1fx; answering with %s", self.path, len(self._seen_kth), self._plan.m, self._plan.speedup,
+                    self._plan.compact_m, self._plan.compact_speedup, self._choose(1))
 
     def _remember(self, queries, distances: np.ndarray) -> None:
         """Keep the latest PLAN_QUERIES scan-answered queries and their k-th distances for the plan."""
@@ -212,7 +225,9 @@ class Index:
             return self._linear
         if self._mih is None:
             from .mih import MultiIndexHashing
-            self._mih = MultiIndexHashing(self._searchable_codes, m=self._plan.m if self._plan else None)
+            layout = "compact" if choice == "mih-compact" else "copied"
+            m = None if self._plan is None else self._plan.compact_m if layout == "compact" else self._plan.m
+            self._mih = MultiIndexHashing(self._searchable_codes, m=m, layout=layout)
             self.__dict__.pop("_linear", None)  # one searcher's memory at a time
         return self._mih
 
@@ -291,9 +306,11 @@ def open(path: str, *, searcher: str = "auto") -> Index:  # noqa: A001 - the pub
     """Open the published version of the index at ``path`` (a folder or fsspec URL).
 
     ``searcher``: ``"numpy"`` (plain numpy scan, nothing to load), ``"linear"`` (numba popcount
-    scan), ``"mih"`` (exact multi-index hashing; tables built on the first query) or ``"auto"``
-    (each in turn as the time spent answering pays for the next one's set-up; see
-    :meth:`Index._choose`). All give identical results.
+    scan), ``"mih"`` (exact multi-index hashing; tables holding copies of the codes, built on the
+    first query), ``"mih-compact"`` (the same with ids-only tables: a third to a quarter of the
+    memory, several times slower) or ``"auto"`` (each in turn as the time spent answering pays for
+    the next one's set-up, MIH where its cost model expects it to pay, compact where the copied
+    tables would not fit in memory; see :meth:`Index._choose`). All give identical results.
     """
     group, version = store.open_group(str(path))
     return Index(str(path), group, version, searcher)

@@ -57,6 +57,10 @@ def test_mih_searcher_gives_the_linear_scan_results(clustered):
         assert (a == b).all()
     for a, b in zip(linear.radius_search(queries, 5), mih.radius_search(queries, 5)):
         assert (a == b).all()
+    compact = hashindex.open(index.path, searcher="mih-compact")
+    for a, b in zip(linear.search(queries, 15), compact.search(queries, 15)):
+        assert (a == b).all()
+    assert compact.searcher == "mih-compact" and compact._mih.layout == "compact"
     assert hashindex.open(index.path).searcher == "linear"  # no MIH before the cost model says so
     with pytest.raises(ValueError, match="searcher must be one of"):
         hashindex.open(index.path, searcher="fast")
@@ -95,6 +99,21 @@ def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monke
     for _ in range(40):
         never.search(queries, 10)
     assert never._plan is not None and never._plan.speedup < 1 and never.searcher == "linear"
+
+
+def test_auto_searcher_takes_compact_tables_when_the_copied_ones_would_not_fit(clustered, monkeypatch):
+    codes, _, index = clustered
+    monkeypatch.setattr(hashindex.mih, "SCAN_SECONDS_PER_WORD", 1e-3)  # MIH pays, in both layouts
+    monkeypatch.setattr(hashindex.index, "MIH_PLAN_SECONDS", 0.0)
+    monkeypatch.setattr(hashindex.index, "MIH_BUILD_SECONDS_PER_CODE", 0.0)
+    monkeypatch.setattr(hashindex.index, "MIH_MEMORY_SHARE", 1e-12)  # no copied tables fit
+    auto = hashindex.open(index.path)
+    queries = codes[:30] ^ np.uint8(4)
+    expected = hashindex.open(index.path, searcher="linear").search(queries, 10)
+    for _ in range(3):
+        got = auto.search(queries, 10)
+        assert all((a == b).all() for a, b in zip(got, expected))
+    assert auto.searcher == "mih-compact" and auto._mih.m == auto._plan.compact_m
 
 
 def test_auto_searcher_starts_on_numpy_and_loads_the_kernels_once_that_pays(clustered, monkeypatch):
