@@ -68,6 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import faiss  # noqa: E402
 import numba  # noqa: E402
+import psutil  # noqa: E402 - dask's dependency
 
 import learned_codes  # noqa: E402 - bench/learned_codes.py
 from hashindex.search import LinearScan  # noqa: E402
@@ -79,9 +80,9 @@ except ImportError:  # pragma: no cover
     MultiIndexHashing = default_m = plan = None
 
 RESULTS = ROOT / "bench" / "results"
-ORDER = ["scan", "mih", "faiss-flat", "faiss-hash", "faiss-multihash"]
+ORDER = ["scan", "mih", "mih-compact", "faiss-flat", "faiss-hash", "faiss-multihash"]
 APPROXIMATE = ("faiss-hash", "faiss-multihash")
-COLORS = {"scan": "C0", "mih": "C1", "faiss-flat": "C7", "faiss-hash": "C2", "faiss-multihash": "C3"}
+COLORS = {"scan": "C0", "mih": "C1", "mih-compact": "C4", "faiss-flat": "C7", "faiss-hash": "C2", "faiss-multihash": "C3"}
 # issue #6's targets (ratios of queries/s measured in one run)
 SCAN_TARGET = 3.0                       # scan / faiss-flat at 1M and 10M codes, 64 and 128 bits, batch 1 and 100
 SCAN_TARGET_SIZES = (1_000_000, 10_000_000)
@@ -151,12 +152,7 @@ def array_bytes(obj, seen: set | None = None) -> int:
 
 
 def available_bytes() -> int:
-    """MemAvailable (free + reclaimable cache); os.sysconf's free pages where /proc is missing."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return psutil.virtual_memory().available
 
 
 def estimated_bytes(n: int, bits: int, mih: bool) -> tuple[int, int]:
@@ -353,18 +349,25 @@ def run_setting(kind: str, n: int, bits: int, args, learned: dict | None, qps_ke
         MultiIndexHashing(db[:4096]).search(pool[:1], args.k)
 
     indexes, build, memory, heap, params = {}, {}, {}, {}, {}
-    def planned_mih(db):
+    def planned_mih(db, layout="copied"):
         # as hashindex.open's "auto" does: m from the cost model run on queries the scan answered
         # (here the tuning queries, never the timed ones); planning counts in the build time
         t0 = time.perf_counter()
         found = plan(db, tune, indexes["scan"].search(tune, args.k)[0][:, -1])
-        params["mih"] = {"m": found.m, "plan_seconds": time.perf_counter() - t0,
-                         "plan_speedup": found.speedup, "default_m": default_m(bits, len(db))}
-        return MultiIndexHashing(db, m=found.m)
+        m, speedup = (found.m, found.speedup) if layout == "copied" else (found.compact_m, found.compact_speedup)
+        name = "mih" if layout == "copied" else "mih-compact"
+        params[name] = {"m": m, "plan_seconds": time.perf_counter() - t0, "plan_speedup": speedup,
+                        "default_m": default_m(bits, len(db))}
+        return MultiIndexHashing(db, m=m, layout=layout)
+
+    def compact_bytes(index):  # its ids-only tables; the codes it searches are the caller's
+        return array_bytes(index) - index._ctab.nbytes
 
     exact = [("scan", LinearScan, array_bytes)]
     if use_mih:
         exact.append(("mih", planned_mih, array_bytes))
+        if bits <= 64:  # at 128 bits even the copied tables lose to the scan on random codes
+            exact.append(("mih-compact", lambda db: planned_mih(db, "compact"), compact_bytes))
     exact.append(("faiss-flat", faiss_flat, lambda index: index.ntotal * index.code_size))
     for name, make, size in exact:
         heap0, t0 = heap_bytes(), time.perf_counter()
@@ -396,9 +399,10 @@ def run_setting(kind: str, n: int, bits: int, args, learned: dict | None, qps_ke
         agree[name] = agreement(D, I, *truth, bits)
     if agree["faiss-flat"]["distances_exact"] < 1.0:
         raise SystemExit(f"scan: distances differ from faiss IndexBinaryFlat ({kind}, N={n}, bits={bits})")
-    if "mih" in agree and agree["mih"]["identical"] < 1.0:
-        raise SystemExit(f"mih: results differ from the linear scan on {1 - agree['mih']['identical']:.2%} of "
-                         f"the queries ({kind}, N={n}, bits={bits})")
+    for name in ("mih", "mih-compact"):
+        if name in agree and agree[name]["identical"] < 1.0:
+            raise SystemExit(f"{name}: results differ from the linear scan on {1 - agree[name]['identical']:.2%} "
+                             f"of the queries ({kind}, N={n}, bits={bits})")
 
     rows = []
     for batch in args.batches:
