@@ -71,6 +71,7 @@ import numba  # noqa: E402
 import psutil  # noqa: E402 - dask's dependency
 
 import learned_codes  # noqa: E402 - bench/learned_codes.py
+from hashindex.index import PLAN_QUERIES  # noqa: E402
 from hashindex.search import LinearScan  # noqa: E402
 from machine import cpu_model, git_commit  # noqa: E402 - one home for the machine record
 
@@ -353,7 +354,8 @@ def run_setting(kind: str, n: int, bits: int, args, learned: dict | None, qps_ke
         # as hashindex.open's "auto" does: m from the cost model run on queries the scan answered
         # (here the tuning queries, never the timed ones); planning counts in the build time
         t0 = time.perf_counter()
-        found = plan(db, tune, indexes["scan"].search(tune, args.k)[0][:, -1])
+        seen = tune[:PLAN_QUERIES]  # as many as the index keeps
+        found = plan(db, seen, indexes["scan"].search(seen, args.k)[0][:, -1])
         m, speedup = (found.m, found.speedup) if layout == "copied" else (found.compact_m, found.compact_speedup)
         name = "mih" if layout == "copied" else "mih-compact"
         params[name] = {"m": m, "plan_seconds": time.perf_counter() - t0, "plan_speedup": speedup,
