@@ -76,9 +76,9 @@ from hashindex.search import LinearScan  # noqa: E402
 from machine import cpu_model, git_commit  # noqa: E402 - one home for the machine record
 
 try:  # phase 2; the bench still runs without it
-    from hashindex.mih import MultiIndexHashing, default_m, plan  # noqa: E402
+    from hashindex.mih import MultiIndexHashing, default_m, plan, table_bytes  # noqa: E402
 except ImportError:  # pragma: no cover
-    MultiIndexHashing = default_m = plan = None
+    MultiIndexHashing = default_m = plan = table_bytes = None
 
 RESULTS = ROOT / "bench" / "results"
 ORDER = ["scan", "mih", "mih-compact", "faiss-flat", "faiss-hash", "faiss-multihash"]
@@ -161,8 +161,10 @@ def estimated_bytes(n: int, bits: int, mih: bool) -> tuple[int, int]:
     nbytes, words = bits // 8, 8 * -(-bits // 64)
     exact = n * (nbytes + nbytes + words)  # codes, faiss-flat, LinearScan
     if mih:
-        m = default_m(bits, n) if default_m else 5
-        exact += n * (words + m * (words + 4 + 4))  # fallback scan copy; m tables of codes, ids, ~offsets
+        m = default_m(bits, n)
+        exact += table_bytes(n, bits, m) + n * 4 * m  # copied tables, and their offsets at most
+        if bits <= 64:
+            exact += table_bytes(n, bits, m, "compact")
     # measured at 1M: IndexBinaryHash ~1.3 * (8 + nbytes) B/code, MultiHash ~nbytes + 16 B/code and table;
     # while tuning, the best so far and one candidate are alive
     hmax = max([h for h, _ in multihash_grid(n, bits)] or [0])

@@ -181,8 +181,10 @@ class Index:
     def _copied_tables_fit(self) -> bool:
         import psutil  # dask's own dependency
 
-        table_bytes = self._plan.m * self.ntotal * (8 * -(-self.bits // 64) + 4)
-        return table_bytes <= MIH_MEMORY_SHARE * psutil.virtual_memory().available
+        from .mih import table_bytes
+
+        need = table_bytes(self.ntotal, self.bits, self._plan.m)
+        return need <= MIH_MEMORY_SHARE * psutil.virtual_memory().available
 
     def _make_plan(self) -> None:
         """Decide once, on the queries seen so far, whether MIH pays and with how many tables."""

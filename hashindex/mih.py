@@ -61,7 +61,7 @@ from ._bitops import _U0, _U1, _U63, _U64, _USENT, _greater, _heapsort, _sift_do
 from .search import (LinearScan, empty_result, empty_result_radius, _check_codes, _check_k, _check_queries,
                      _check_radius)
 
-__all__ = ["LAYOUTS", "MultiIndexHashing", "Plan", "default_m", "plan"]
+__all__ = ["LAYOUTS", "MultiIndexHashing", "Plan", "default_m", "plan", "table_bytes"]
 
 LAYOUTS = ("copied", "compact")
 
@@ -195,6 +195,13 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
             best[layout] = min(max(default_m(bits, n), lo_m), hi_m)
     return Plan(m=best["copied"], seconds=costs["copied"][best["copied"]], compact_m=best["compact"],
                 compact_seconds=costs["compact"][best["compact"]], scan_seconds=scan_seconds, costs=costs)
+
+
+def table_bytes(n: int, bits: int, m: int, layout: str = "copied") -> int:
+    """Memory of the id (int32) and code-copy arrays of ``m`` tables over ``n`` codes, bucket
+    offsets aside: the codes themselves are not counted, the compact layout searches them in place."""
+    copy = 8 * _bitops.words_per_code(-(-bits // 8)) if layout == "copied" else 0
+    return m * n * (4 + copy)
 
 
 def _deepest_pass(radii: np.ndarray, m: int) -> np.ndarray:
