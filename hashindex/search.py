@@ -147,7 +147,7 @@ class LinearScan:
             return 1
         # One database range per thread, never shorter than a 64-code tile.
         ntiles = -(-self.ntotal // _bitops.TILE)
-        return max(1, min(numba.get_num_threads(), ntiles))
+        return max(1, min(_bitops.num_threads(), ntiles))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest codes of each query.
@@ -175,7 +175,7 @@ class LinearScan:
         out_i = np.empty((nq, k), dtype=np.int64)
         for start in range(0, nq, batch):  # bounds heap memory; one kernel call per batch
             stop = min(nq, start + batch)
-            with _bitops.threads(1 if nchunks == 1 else numba.get_num_threads()):
+            with _bitops.threads(1 if nchunks == 1 else _bitops.num_threads()):
                 out_d[start:stop], out_i[start:stop] = _bitops.knn(
                     self._tiles, self._words, self.ntotal, qwords[start:stop], k, nchunks, blk)
         return out_d, out_i
@@ -200,7 +200,7 @@ class LinearScan:
             return empty_result_radius(nq)
         radius = min(radius, self.bits)  # keeps the kernels' uint64 compare in range
         # Always the parallel kernel: a serial twin would add JIT compile time.
-        nchunks = max(1, min(numba.get_num_threads(), -(-self.ntotal // _bitops.TILE)))
+        nchunks = max(1, min(_bitops.num_threads(), -(-self.ntotal // _bitops.TILE)))
         lims, out_d, out_i = _bitops.radius_search(self._tiles, self._words, self.ntotal,
                                                    _bitops.pack_rows(queries), radius, nchunks, self.bits)
         return lims, out_d, out_i

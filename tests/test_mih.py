@@ -3,6 +3,7 @@
 import functools
 import sys
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -72,22 +73,29 @@ def test_knn_identical_to_linear_scan(bits, kind, fallback):
             assert_same_knn(index, scan, q[:1], k)
 
 
-@pytest.mark.parametrize("split", ["every-pass", "off"])
+@pytest.mark.parametrize("split", ["shares", "off", "one-share"])
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 def test_single_query_split_over_threads(split, kind, monkeypatch):
-    """One query's passes dealt out to the threads (private heaps, merged per
-    pass) must give the same results and tie order as one thread."""
+    """One query's keys dealt out to the threads (private heaps, each stopping on
+    the k-th distance of all heaps together, merged at the end) must give the
+    same results and tie order as one thread; so must a split over one thread."""
     monkeypatch.setattr(mih_mod, "_FALLBACK_FRACTION", 1e12)
     rng = np.random.default_rng(11)
     make = random_codes if kind == "random" else clustered_codes
-    for nbytes, m in ((8, 4), (8, 8), (3, 3), (16, 8)):
-        codes = make(rng, 3000 + 8, nbytes)
-        db, q = codes[:3000], codes[3000:]
-        index, scan = no_fallback(MultiIndexHashing(db, m)), LinearScan(db)
-        index.split_single_query = split == "every-pass"
-        for i in range(len(q)):
-            for k in (1, 10, 100):
-                assert_same_knn(index, scan, q[i], k)
+    before = numba.get_num_threads()
+    try:
+        if split == "one-share":
+            numba.set_num_threads(1)
+        for nbytes, m in ((8, 4), (8, 8), (3, 3), (16, 8)):
+            codes = make(rng, 3000 + 8, nbytes)
+            db, q = codes[:3000], codes[3000:]
+            index, scan = no_fallback(MultiIndexHashing(db, m)), LinearScan(db)
+            index.split_single_query = split != "off"
+            for i in range(len(q)):
+                for k in (1, 10, 100):
+                    assert_same_knn(index, scan, q[i], k)
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_knn_k_at_least_n_and_tiny_databases():

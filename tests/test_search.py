@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from hashindex import search as search_mod
+from hashindex import _bitops, search as search_mod
 from hashindex.search import MISSING_DISTANCE, LinearScan, hamming_distances
 from conftest import clustered_codes, random_codes
 
@@ -142,6 +142,17 @@ def test_single_thread_gives_same_results():
     D2, I2 = LinearScan(db).search(q, 10)
     np.testing.assert_array_equal(D1, D2)
     np.testing.assert_array_equal(I1, I2)
+
+
+def test_num_threads_follows_set_num_threads():
+    """The lock-free thread count the kernels size their work by must be numba's."""
+    before = numba.get_num_threads()
+    try:
+        for n in (1, before):
+            numba.set_num_threads(n)
+            assert _bitops.num_threads() == numba.get_num_threads() == n
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_one_dimensional_query_and_non_contiguous_inputs():
