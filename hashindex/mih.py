@@ -381,8 +381,8 @@ def _first_seen_here(ctab, itab, w, p, q, masks, j, s):
 
 @_hot
 def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i, ncollect, capd, capi,
-           acc):
-    """Visit bucket entries [lo, hi).
+           acc, next_lo, next_hi):
+    """Visit bucket entries [lo, hi), prefetching the next bucket's [next_lo, next_hi) meanwhile.
 
     k-NN mode (``bound`` < 0): offer first-seen entries to the heap; they must
     also beat ``(capd, capi)``, the k-th best known elsewhere (parallel passes).
@@ -398,9 +398,17 @@ def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, 
         # runs hold such an entry, so keeping the distances matters as much as the minimum.
         q0 = q[0]
         p0 = lo
+        # The next bucket's lines, a few per run: the hardware prefetcher alone restarts at every
+        # bucket (a random address) and leaves one thread's stream at ~2/3 of what it reaches.
+        pf = next_lo + _U8 * _PREFETCH_LINES  # its head was prefetched at lookup
+        pf_step = _U8 * (-(-(next_hi - min(pf, next_hi)) // _U8) // (-(-(hi - lo) // _U64)) + _U1)
         while p0 < hi:
             p1 = min(p0 + _U64, hi)
             m = _U64
+            pf_end = min(pf + pf_step, next_hi)
+            while pf < pf_end:
+                _prefetch_entry(ctab, itab, w, pf)
+                pf += _U8
             if p1 - p0 == _U64:
                 for jj in range(_U64):  # constant trip count: fully vectorised
                     d = popcount64(_word(ctab, itab, _U1, p0 + jj, _U0) ^ q0)
@@ -479,40 +487,52 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
             hi = sb + np.uint64(starts_[kk + np.uint64(j) + _U1])
             touched += hi - lo
             ncollect = _probe(ctab, itab, w, lo, hi, q, masks, j, s, radius, hd, hi_, uk,
-                              collect_d, collect_i, ncollect, capd, capi, acc)
+                              collect_d, collect_i, ncollect, capd, capi, acc, _U0, _U0)
         touched += nkeys[j] // unparts
         return ncollect, touched, False
     top = _U1 << length
     v = (_U1 << s) - _U1
     key_index = _U0
     rotate = s * np.uint64(sub_lens.shape[0]) + np.uint64(j)  # pass (s, j)'s first key: share (s*m + j) % nparts
-    while v < top:
+    nb = 0  # looked-up buckets waiting in blo/bhi
+    while True:
         # Look up a batch of this share's buckets and prefetch their heads, so the random DRAM
         # accesses overlap instead of queueing one after the other. Keys are dealt one by one
         # (key_index % nparts): dealing whole batches left one thread idle for a third of a
         # 78-key pass.
-        nb = 0
         while v < top and nb < _PREFETCH:
             if (key_index + rotate) % unparts == upart:
                 lo, hi = _lookup(j, qj ^ v, dense, direct, direct_base, keys, key_base, nkeys, starts_,
                                  np.uint64(n))
                 touched += _U1
-                blo[nb] = lo
-                bhi[nb] = hi
                 if hi > lo:
+                    blo[nb] = lo
+                    bhi[nb] = hi
                     for line in range(_PREFETCH_LINES):
                         _prefetch_entry(ctab, itab, w, lo + np.uint64(line) * _U8)
-                nb += 1
+                    nb += 1
             key_index += _U1
             if s == _U0:
                 v = top
             else:
                 v = _next_combination(v)
-        for b in range(nb):
-            if bhi[b] > blo[b]:
-                touched += bhi[b] - blo[b]
-                ncollect = _probe(ctab, itab, w, blo[b], bhi[b], q, masks, j, s, radius, hd, hi_, uk,
-                                  collect_d, collect_i, ncollect, capd, capi, acc)
+        if nb == 0:
+            break
+        # Probe each with the next one's lines prefetched meanwhile; the batch's last bucket waits
+        # for the next batch (as its first), unless no key is left.
+        last = nb - 1 if v < top else nb
+        for b in range(last):
+            touched += bhi[b] - blo[b]
+            nlo = blo[b + 1] if b + 1 < nb else _U0
+            nhi = bhi[b + 1] if b + 1 < nb else _U0
+            ncollect = _probe(ctab, itab, w, blo[b], bhi[b], q, masks, j, s, radius, hd, hi_, uk,
+                              collect_d, collect_i, ncollect, capd, capi, acc, nlo, nhi)
+        if last < nb:
+            blo[0] = blo[last]
+            bhi[0] = bhi[last]
+            nb = 1
+        else:
+            nb = 0
         if touched > budget:
             return ncollect, touched, False
         if shares.shape[0] > 1:
