@@ -543,55 +543,46 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
 
 
 @njit(cache=True)
-def _search_one(q, w, n, k, radius, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base,
-                keys, key_base, nkeys, starts_, budget, hd, hi_, collect_d, collect_i):
-    """One query.  k-NN if ``radius`` < 0 (heap in hd/hi_), else radius search
-    (count, or fill collect_*).  Returns the hit count (radius mode) or 0, or
-    -1 if the budget ran out (caller falls back to the linear scan)."""
+def _radius_one(q, w, n, radius, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base, keys,
+                key_base, nkeys, starts_, budget, collect_d, collect_i):
+    """Radius search of one query: counts the first-seen codes within ``radius``, storing them in
+    collect_* when those are non-empty. Returns the count, or -1 if the budget ran out (the caller
+    falls back to the linear scan)."""
     m = sub_lens.shape[0]
     maxlen = np.uint64(0)
     for j in range(m):
         maxlen = max(maxlen, np.uint64(sub_lens[j]))
-    uk = np.uint64(k)
     touched = np.uint64(0)
     ncollect = 0
+    no_heap_d, no_heap_i = np.empty(1, dtype=np.uint64), np.empty(1, dtype=np.int64)
     no_shares = np.empty((0, 0), dtype=np.uint64)
     no_hist = np.empty(0, dtype=np.int64)
     acc, blo, bhi = np.empty(64, dtype=np.uint64), np.empty(_PREFETCH, dtype=np.uint64), np.empty(_PREFETCH, dtype=np.uint64)
     for s_ in range(maxlen + _U1):
         s = np.uint64(s_)
         for j in range(m):
+            if np.uint64(radius) < np.uint64(m) * s + np.uint64(j):  # every code within m*s + j - 1 seen
+                return ncollect
             ncollect, t, _ = _pass_share(q, n, w, j, s, 0, 1, radius, masks, sub_starts, sub_lens, ctab, itab,
                                          dense, direct, direct_base, keys, key_base, nkeys, starts_,
-                                         budget - touched, hd, hi_, uk, collect_d, collect_i, ncollect, _USENT,
-                                         np.int64(-1), no_shares, no_hist, acc, blo, bhi)
+                                         budget - touched, no_heap_d, no_heap_i, _U1, collect_d, collect_i,
+                                         ncollect, _USENT, np.int64(-1), no_shares, no_hist, acc, blo, bhi)
             if t > budget - touched:
                 return -1
             touched += t
-            # every code within m*s + j has been seen now
-            seen = np.uint64(m) * s + np.uint64(j)
-            if radius < 0:
-                if hd[0] <= seen:
-                    return 0
-            elif np.uint64(radius) <= seen:
-                return ncollect
     return ncollect
 
 
 @njit(cache=True)
 def _knn_query(qi, queries, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base,
                keys, key_base, nkeys, starts_, budget, hd, hi_, out_d, ok):
-    none_d = np.empty(0, dtype=np.int32)
-    none_i = np.empty(0, dtype=np.int64)
-    # same argument types as the radius calls: one compiled _search_one
-    st = _search_one(queries[qi], np.uint64(w), n, k, np.int64(-1), sub_starts, sub_lens, masks, ctab, itab,
-                     dense, direct, direct_base, keys, key_base, nkeys, starts_, budget, hd[qi], hi_[qi],
-                     none_d[0:0], none_i[0:0])
-    ok[qi] = st >= 0
-    if st >= 0:
-        _heapsort(hd[qi], hi_[qi])
+    # one share of its own: the single-query split's code path with nothing to split
+    ok[qi] = _knn_share(queries[qi], w, n, k, 0, sub_starts, sub_lens, masks, ctab, itab, dense, direct,
+                        direct_base, keys, key_base, nkeys, starts_, budget, hd[qi], hi_[qi], _U64 * w)
+    if ok[qi]:
+        _heapsort(hd[qi, 0], hi_[qi, 0])
         for j in range(k):
-            out_d[qi, j] = np.int32(hd[qi, j])
+            out_d[qi, j] = np.int32(hd[qi, 0, j])
 
 
 @njit(cache=True, parallel=True)
@@ -732,13 +723,11 @@ def _radius_pass(queries, w, n, radius, sub_starts, sub_lens, masks, ctab, itab,
         hi = lims[qi + 1] if fill else 0
         if skip[qi] or (fill and hi == lo):
             continue
-        hd = np.empty(1, dtype=np.uint64)
-        hi_ = np.empty(1, dtype=np.int64)
         cd = out_d[lo:hi]
         ci = out_i[lo:hi]
-        counts[qi] = _search_one(queries[qi], np.uint64(w), n, np.int64(1), np.int64(radius), sub_starts,
-                                 sub_lens, masks, ctab, itab, dense, direct, direct_base, keys, key_base, nkeys,
-                                 starts_, budget, hd, hi_, cd, ci)
+        counts[qi] = _radius_one(queries[qi], np.uint64(w), n, np.int64(radius), sub_starts, sub_lens, masks,
+                                 ctab, itab, dense, direct, direct_base, keys, key_base, nkeys, starts_, budget,
+                                 cd, ci)
         if fill:
             _sort_hits(cd, ci)
     return counts
@@ -893,11 +882,13 @@ class MultiIndexHashing:
             ok = np.full(1, _knn_one_split(qwords[0], np.uint64(self._words), self.ntotal, k, *self._tables(),
                                            self._budget, _bitops.num_threads(), D, I))
         else:
-            heap_d = np.full((nq, k), _bitops.SENTINEL_D, dtype=np.uint64)
+            # each query's heap as the one share of a split: [nq, 1, k]; the ids' heap is I itself
+            heap_d = np.full((nq, 1, k), _bitops.SENTINEL_D, dtype=np.uint64)
             ok = np.ones(nq, dtype=np.bool_)
             # a single query without splitting runs on one thread: waking the pool costs more
             with _bitops.threads(1 if nq == 1 else _bitops.num_threads()):
-                _knn_parallel(qwords, self._words, self.ntotal, k, *self._tables(), self._budget, heap_d, I, D, ok)
+                _knn_parallel(qwords, np.uint64(self._words), self.ntotal, k, *self._tables(), self._budget, heap_d,
+                              I.reshape(nq, 1, k), D, ok)
         if not ok.all():
             bad = np.flatnonzero(~ok)
             logger.debug("MIH: %d of %d queries fell back to the linear scan", bad.size, nq)
