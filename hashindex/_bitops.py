@@ -195,6 +195,48 @@ def _heapsort(hd, hi):
 
 
 # --------------------------------------------------------------------------
+# Heap on packed keys (distance << KEY_SHIFT | position); max at the root
+# --------------------------------------------------------------------------
+# One uint64 per candidate: (distance, position) order is plain integer order, a comparison is one
+# instruction, and a slot is written in one store, so another thread reading a heap sees each slot
+# at some value it really held (multi-index hashing's shares read each other's heaps unlocked).
+
+KEY_SHIFT = np.uint64(40)  # positions < 2**40, distances < 2**24
+POSITION_MASK = np.uint64((1 << 40) - 1)
+SENTINEL_KEY = np.uint64(2**64 - 1)  # an empty slot: larger than every real key
+
+
+@njit(cache=True, _nrt=False)
+def _sift_down_key(hk, n, pos, key):
+    """Place ``key`` at ``pos`` and sift it down a max-heap of size ``n``. Every slot it changes
+    only decreases, which is what makes an unlocked reader see upper bounds."""
+    while True:
+        child = _U2 * pos + _U1
+        if child >= n:
+            break
+        right = child + _U1
+        if right < n and hk[right] > hk[child]:
+            child = right
+        if hk[child] > key:
+            hk[pos] = hk[child]
+            pos = child
+        else:
+            break
+    hk[pos] = key
+
+
+@njit(cache=True, _nrt=False)
+def _heapsort_key(hk):
+    """Sort a max-heap of keys in place into ascending order."""
+    end = np.uint64(hk.shape[0])
+    while end > _U1:
+        end -= _U1
+        key = hk[end]
+        hk[end] = hk[0]
+        _sift_down_key(hk, end, _U0, key)
+
+
+# --------------------------------------------------------------------------
 # k-NN scan of a tile range for one query
 # --------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ from numba import njit, prange
 from numba.extending import overload
 
 from . import _bitops
-from ._bitops import _U0, _U1, _U63, _U64, _USENT, _greater, _heapsort, _sift_down, popcount64, prefetch
+from ._bitops import (KEY_SHIFT, POSITION_MASK, SENTINEL_KEY, _U0, _U1, _U63, _U64, _USENT, _heapsort,
+                      _heapsort_key, _sift_down, _sift_down_key, popcount64, prefetch)
 from .search import (LinearScan, empty_result, empty_result_radius, _check_codes, _check_k, _check_queries,
                      _check_radius)
 
@@ -113,7 +114,8 @@ SECONDS_PER_GATHER = 8.5e-9
 class Plan:
     """What :func:`plan` found for each layout: the best ``m`` and the estimated seconds per single
     query of MIH with ``m`` tables, and of the linear scan. ``costs[layout][m]`` holds every
-    estimate."""
+    estimate, ``work[m]`` the mean (buckets, table entries) a query visits, which the estimates are
+    made of (bench/mih_plan_fit.py fits the constants to them)."""
 
     m: int
     seconds: float
@@ -121,6 +123,7 @@ class Plan:
     compact_seconds: float
     scan_seconds: float
     costs: dict = field(default_factory=dict, repr=False)
+    work: dict = field(default_factory=dict, repr=False)
 
     @property
     def speedup(self) -> float:
@@ -175,6 +178,7 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
     scan_seconds = SCAN_SECONDS_PER_WORD * n * words
     per_entry = {"copied": SECONDS_PER_ENTRY_WORD * words, "compact": SECONDS_PER_GATHER}
     costs = {layout: {} for layout in LAYOUTS}
+    work = {}
     for m in ms:
         _, lens = _substrings(bits, m)
         deepest = _deepest_pass(radii, m)
@@ -183,6 +187,7 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
         for j, length in enumerate(lens):
             within[j, 1:] = np.minimum(np.cumsum([math.comb(int(length), i) for i in range(bits + 1)]), n)
         buckets = within[np.arange(m)[None, :], np.clip(deepest + 1, 0, bits + 1)].sum(axis=1)
+        work[m] = (float(buckets.mean()), float(entries[m].mean()))
         for layout, entry_seconds in per_entry.items():
             seconds = SECONDS_PER_BUCKET * buckets + entry_seconds * entries[m]
             # past _FALLBACK_FRACTION of the database a query gives up and scans
@@ -194,7 +199,8 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
         if by_m[best[layout]] >= scan_seconds:  # MIH does not pay at any m: the usual m, not an arbitrary one
             best[layout] = min(max(default_m(bits, n), lo_m), hi_m)
     return Plan(m=best["copied"], seconds=costs["copied"][best["copied"]], compact_m=best["compact"],
-                compact_seconds=costs["compact"][best["compact"]], scan_seconds=scan_seconds, costs=costs)
+                compact_seconds=costs["compact"][best["compact"]], scan_seconds=scan_seconds, costs=costs,
+                work=work)
 
 
 def table_bytes(n: int, bits: int, m: int, layout: str = "copied") -> int:
@@ -380,18 +386,39 @@ def _first_seen_here(ctab, itab, w, p, q, masks, j, s):
 
 
 @_hot
-def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i, ncollect, capd, capi,
-           acc, next_lo, next_hi):
+def _first_position_at_least(itab, lo, hi, pos):
+    """First entry in [lo, hi) whose position is >= pos (positions ascend within a bucket)."""
+    while lo < hi:
+        mid = (lo + hi) >> _U1
+        if np.int64(itab[mid]) < pos:
+            lo = mid + _U1
+        else:
+            hi = mid
+    return lo
+
+
+@_hot
+def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hk, k, collect_d, collect_i, ncollect, capkey, acc,
+           next_lo, next_hi):
     """Visit bucket entries [lo, hi), prefetching the next bucket's [next_lo, next_hi) meanwhile.
 
-    k-NN mode (``bound`` < 0): offer first-seen entries to the heap; they must
-    also beat ``(capd, capi)``, the k-th best known elsewhere (parallel passes).
-    Radius mode: count (and store when ``collect_d`` is non-empty) first-seen
-    entries within ``bound``; returns the updated count.
+    k-NN mode (``bound`` < 0): offer first-seen entries to the heap of keys ``hk``
+    (_bitops: distance << KEY_SHIFT | position); they must also be below ``capkey``,
+    the k-th smallest key of all shares' heaps (a split query). Radius mode: count
+    (and store when ``collect_d`` is non-empty) first-seen entries within ``bound``;
+    returns the updated count.
     """
     if lo == hi:
         return ncollect
-    limit = min(hd[0], capd) if bound < 0 else np.uint64(bound)
+    limit = min(hk[0], capkey) >> KEY_SHIFT if bound < 0 else np.uint64(bound)
+    if bound < 0 and limit == np.uint64(masks.shape[0]) * s + np.uint64(j):
+        # Only ties can enter now: every code first seen in pass (s, j) is at distance >= m*s + j,
+        # the k-th distance, so it must come before the k-th in position. Positions ascend inside
+        # a bucket: the entries from the k-th's position on are cut off. (This is the query's
+        # last pass, often a quarter of its entries.)
+        hi = _first_position_at_least(itab, lo, hi, np.int64(min(hk[0], capkey) & POSITION_MASK))
+        if lo == hi:
+            return ncollect
     if w == _U1:
         # Runs of 64 entries: their distances in one vectorised pass (into acc), then only the
         # entries within the limit, if any, get the scalar work. Until the heap has settled most
@@ -422,31 +449,35 @@ def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hd, hi_, k, collect_d, 
             if m <= limit:
                 for jj in range(p1 - p0):
                     if acc[jj] <= limit:
-                        ncollect = _take(ctab, itab, w, p0 + jj, acc[jj], q, masks, j, s, bound, hd, hi_, k,
-                                         collect_d, collect_i, ncollect, capd, capi)
-                        limit = min(hd[0], capd) if bound < 0 else limit
+                        ncollect = _take(ctab, itab, w, p0 + jj, acc[jj], q, masks, j, s, bound, hk, k,
+                                         collect_d, collect_i, ncollect, capkey)
+                        limit = min(hk[0], capkey) >> KEY_SHIFT if bound < 0 else limit
             p0 = p1
         return ncollect
-    # Most buckets hold nothing close enough: check their minimum first.
+    # Wider codes: the next bucket's lines all at once (w words an entry, 8 words a line), then
+    # most buckets hold nothing close enough: check their minimum first.
+    for pf in range(next_lo, next_hi, max(_U1, _U8 // w)):
+        _prefetch_entry(ctab, itab, w, pf)
     if _bucket_min(ctab, itab, w, lo, hi, q) > limit:
         return ncollect
     for p in range(lo, hi):
         d = _distance(ctab, itab, w, p, q)
         if d <= limit:
-            ncollect = _take(ctab, itab, w, p, d, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i,
-                             ncollect, capd, capi)
-            limit = min(hd[0], capd) if bound < 0 else limit
+            ncollect = _take(ctab, itab, w, p, d, q, masks, j, s, bound, hk, k, collect_d, collect_i, ncollect,
+                             capkey)
+            limit = min(hk[0], capkey) >> KEY_SHIFT if bound < 0 else limit
     return ncollect
 
 
 @_hot
-def _take(ctab, itab, w, p, d, q, masks, j, s, bound, hd, hi_, k, collect_d, collect_i, ncollect, capd, capi):
+def _take(ctab, itab, w, p, d, q, masks, j, s, bound, hk, k, collect_d, collect_i, ncollect, capkey):
     """Entry p at distance d (within the limit): into the heap or the results, if first seen here."""
     pos = np.int64(itab[p])
     if bound < 0:
-        if (_greater(hd[0], hi_[0], d, pos) and _greater(capd, capi, d, pos)
-                and _first_seen_here(ctab, itab, w, p, q, masks, j, s)):
-            _sift_down(hd, hi_, k, _U0, d, pos)
+        key = (d << KEY_SHIFT) | np.uint64(pos)
+        # below the heap's root and the shares' k-th: keys are distinct (a code is taken once)
+        if key < min(hk[0], capkey) and _first_seen_here(ctab, itab, w, p, q, masks, j, s):
+            _sift_down_key(hk, k, _U0, key)
     elif _first_seen_here(ctab, itab, w, p, q, masks, j, s):
         if collect_d.shape[0] > 0:
             collect_d[ncollect] = np.int32(d)
@@ -457,15 +488,15 @@ def _take(ctab, itab, w, p, d, q, masks, j, s, bound, hd, hi_, k, collect_d, col
 
 @_hot
 def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens, ctab, itab, dense, direct,
-                direct_base, keys, key_base, nkeys, starts_, budget, hd, hi_, uk, collect_d, collect_i,
-                ncollect, capd, capi, shares, hist, acc, blo, bhi):
+                direct_base, keys, key_base, nkeys, starts_, budget, hk, uk, collect_d, collect_i,
+                ncollect, capkey, shares, scratch, acc, blo, bhi):
     """Pass (s, j): probe every bucket of table j at key distance exactly s,
     or only share ``part`` of ``nparts`` (keys dealt round-robin).
     Returns (ncollect, entries and buckets touched, done); stops early once the
     touched count exceeds ``budget``. A share of a split k-NN query (``shares``:
-    all shares' heaps) re-reads the k-th distance of all heaps after each batch of
-    buckets: it tightens the cap, and once it is below ``m*s + j`` this pass cannot
-    add anything (``done``): the other shares found the k nearest meanwhile.
+    all shares' heaps) re-reads the k-th key of all heaps after each batch of
+    buckets: it tightens the cap, and once its distance is below ``m*s + j`` this pass
+    cannot add anything (``done``): the other shares found the k nearest meanwhile.
     Scratch: ``acc`` holds one run's distances (_probe), ``blo``/``bhi`` a batch of
     bucket ranges (_PREFETCH each)."""
     length = np.uint64(sub_lens[j])
@@ -486,8 +517,8 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
             lo = sb + np.uint64(starts_[kk + np.uint64(j)])
             hi = sb + np.uint64(starts_[kk + np.uint64(j) + _U1])
             touched += hi - lo
-            ncollect = _probe(ctab, itab, w, lo, hi, q, masks, j, s, radius, hd, hi_, uk,
-                              collect_d, collect_i, ncollect, capd, capi, acc, _U0, _U0)
+            ncollect = _probe(ctab, itab, w, lo, hi, q, masks, j, s, radius, hk, uk,
+                              collect_d, collect_i, ncollect, capkey, acc, _U0, _U0)
         touched += nkeys[j] // unparts
         return ncollect, touched, False
     top = _U1 << length
@@ -525,8 +556,8 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
             touched += bhi[b] - blo[b]
             nlo = blo[b + 1] if b + 1 < nb else _U0
             nhi = bhi[b + 1] if b + 1 < nb else _U0
-            ncollect = _probe(ctab, itab, w, blo[b], bhi[b], q, masks, j, s, radius, hd, hi_, uk,
-                              collect_d, collect_i, ncollect, capd, capi, acc, nlo, nhi)
+            ncollect = _probe(ctab, itab, w, blo[b], bhi[b], q, masks, j, s, radius, hk, uk,
+                              collect_d, collect_i, ncollect, capkey, acc, nlo, nhi)
         if last < nb:
             blo[0] = blo[last]
             bhi[0] = bhi[last]
@@ -536,8 +567,8 @@ def _pass_share(q, n, w, j, s, part, nparts, radius, masks, sub_starts, sub_lens
         if touched > budget:
             return ncollect, touched, False
         if shares.shape[0] > 1:
-            capd = _kth_of_shares(shares, uk, hist)
-            if capd < np.uint64(sub_lens.shape[0]) * s + np.uint64(j):
+            capkey = _kth_key_of_shares(shares, uk, scratch)
+            if capkey >> KEY_SHIFT < np.uint64(sub_lens.shape[0]) * s + np.uint64(j):
                 return ncollect, touched, True
     return ncollect, touched, False
 
@@ -554,9 +585,8 @@ def _radius_one(q, w, n, radius, sub_starts, sub_lens, masks, ctab, itab, dense,
         maxlen = max(maxlen, np.uint64(sub_lens[j]))
     touched = np.uint64(0)
     ncollect = 0
-    no_heap_d, no_heap_i = np.empty(1, dtype=np.uint64), np.empty(1, dtype=np.int64)
+    no_heap = np.empty(1, dtype=np.uint64)
     no_shares = np.empty((0, 0), dtype=np.uint64)
-    no_hist = np.empty(0, dtype=np.int64)
     acc, blo, bhi = np.empty(64, dtype=np.uint64), np.empty(_PREFETCH, dtype=np.uint64), np.empty(_PREFETCH, dtype=np.uint64)
     for s_ in range(maxlen + _U1):
         s = np.uint64(s_)
@@ -565,8 +595,8 @@ def _radius_one(q, w, n, radius, sub_starts, sub_lens, masks, ctab, itab, dense,
                 return ncollect
             ncollect, t, _ = _pass_share(q, n, w, j, s, 0, 1, radius, masks, sub_starts, sub_lens, ctab, itab,
                                          dense, direct, direct_base, keys, key_base, nkeys, starts_,
-                                         budget - touched, no_heap_d, no_heap_i, _U1, collect_d, collect_i,
-                                         ncollect, _USENT, np.int64(-1), no_shares, no_hist, acc, blo, bhi)
+                                         budget - touched, no_heap, _U1, collect_d, collect_i, ncollect,
+                                         SENTINEL_KEY, no_shares, no_heap, acc, blo, bhi)
             if t > budget - touched:
                 return -1
             touched += t
@@ -575,66 +605,69 @@ def _radius_one(q, w, n, radius, sub_starts, sub_lens, masks, ctab, itab, dense,
 
 @njit(cache=True)
 def _knn_query(qi, queries, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base,
-               keys, key_base, nkeys, starts_, budget, hd, hi_, out_d, ok):
+               keys, key_base, nkeys, starts_, budget, hk, out_d, out_i, ok):
     # one share of its own: the single-query split's code path with nothing to split
     ok[qi] = _knn_share(queries[qi], w, n, k, 0, sub_starts, sub_lens, masks, ctab, itab, dense, direct,
-                        direct_base, keys, key_base, nkeys, starts_, budget, hd[qi], hi_[qi], _U64 * w)
+                        direct_base, keys, key_base, nkeys, starts_, budget, hk[qi])
     if ok[qi]:
-        _heapsort(hd[qi, 0], hi_[qi, 0])
-        for j in range(k):
-            out_d[qi, j] = np.int32(hd[qi, 0, j])
+        _heapsort_key(hk[qi, 0])
+        _unpack_keys(hk[qi, 0], out_d[qi], out_i[qi])
 
 
 @njit(cache=True, parallel=True)
 def _knn_parallel(queries, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base,
-                  keys, key_base, nkeys, starts_, budget, hd, hi_, out_d, ok):
+                  keys, key_base, nkeys, starts_, budget, hk, out_d, out_i, ok):
     # Kept minimal: numba's parallel compile time grows with the kernel body.
     for qi in prange(queries.shape[0]):
         _knn_query(qi, queries, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base,
-                   keys, key_base, nkeys, starts_, budget, hd, hi_, out_d, ok)
+                   keys, key_base, nkeys, starts_, budget, hk, out_d, out_i, ok)
 
 
 @_hot
-def _kth_of_shares(hd2, k, hist):
-    """The k-th smallest distance in all shares' heaps together: an upper bound on the query's k-th
-    distance (the shares hold distinct codes). Read without locks while the other shares write:
-    every heap slot only ever decreases, so a read is never below the value at its end, and the
-    bound is at worst stale (larger), which only makes a share stop later."""
-    hist[:] = 0
-    kk = np.int64(k)
-    for t in range(hd2.shape[0]):
-        for i in range(kk):
-            d = hd2[t, i]
-            if d < hist.shape[0]:
-                hist[d] += 1
-    seen = 0
-    for d in range(hist.shape[0]):
-        seen += hist[d]
-        if seen >= kk:
-            return np.uint64(d)
-    return _USENT
+def _unpack_keys(sorted_keys, out_d, out_i):
+    """Sorted heap keys into a result row: distances and positions."""
+    for j in range(sorted_keys.shape[0]):
+        out_d[j] = np.int32(sorted_keys[j] >> KEY_SHIFT)
+        out_i[j] = np.int64(sorted_keys[j] & POSITION_MASK)
+
+
+@_hot
+def _kth_key_of_shares(hk2, k, scratch):
+    """The k-th smallest key in all shares' heaps together: an upper bound on the query's k-th
+    (distance, position) (the shares hold distinct codes). ``scratch`` (k keys) becomes a max-heap
+    of the k smallest. Read without locks while the other shares write: a heap slot is one store
+    and only ever decreases, so a read is never below the slot's value at the read's end, and the
+    bound is at worst stale (larger), which only makes a share prune less and stop later."""
+    scratch[:k] = SENTINEL_KEY
+    for t in range(hk2.shape[0]):
+        for i in range(k):
+            key = hk2[t, i]
+            if key < scratch[0]:
+                _sift_down_key(scratch, k, _U0, key)
+    return scratch[0]
 
 
 @njit(cache=True)
 def _knn_share(q, w, n, k, part, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base, keys,
-               key_base, nkeys, starts_, budget, hd2, hi2, nbits):
+               key_base, nkeys, starts_, budget, hk2):
     """Share ``part`` of a single query's k-NN: every pass, but only the keys dealt to this share
-    (_pass_share), into a private heap ``hd2[part]``. Before each pass the share takes the k-th
-    smallest distance of all shares' heaps together (_kth_of_shares): candidates farther than it
-    cannot make the top k, and the share stops once it is within reach of the passes done
-    (``<= m*s + j``): a code not seen yet is farther than that. Taking the union, not each share's
-    own k-th distance, matters: two shares holding 5 close codes each know the 10th of the query
-    before either heap does. Returns False if this share's budget ran out (and tells the other
-    shares to stop by writing 0 to its heap's root)."""
+    (_pass_share), into a private heap of keys ``hk2[part]``. Before each pass (and batch of
+    buckets) the share takes the k-th smallest key of all shares' heaps together
+    (_kth_key_of_shares): candidates above it cannot make the top k, and the share stops once its
+    distance is within reach of the passes done (``<= m*s + j - 1``): a code not seen yet is
+    farther than that. Taking the union, not the share's own k-th, matters: two shares holding 5
+    close codes each know the 10th of the query before either heap does; and in the last pass,
+    where only ties at the k-th distance can enter, the union's k-th position cuts each bucket
+    short. Returns False if this share's budget ran out (and tells the other shares to stop by
+    zeroing its heap)."""
     m = sub_lens.shape[0]
-    nparts = hd2.shape[0]
+    nparts = hk2.shape[0]
     maxlen = np.uint64(0)
     for j in range(m):
         maxlen = max(maxlen, np.uint64(sub_lens[j]))
     uk = np.uint64(k)
-    hd = hd2[part, :k]
-    hi_ = hi2[part, :k]
-    hist = np.zeros(nbits + 1, dtype=np.int64)
+    hk = hk2[part, :k]
+    scratch = np.empty(k, dtype=np.uint64)
     acc, blo, bhi = np.empty(64, dtype=np.uint64), np.empty(_PREFETCH, dtype=np.uint64), np.empty(_PREFETCH, dtype=np.uint64)
     touched = _U0
     none_d = np.empty(0, dtype=np.int32)
@@ -642,18 +675,17 @@ def _knn_share(q, w, n, k, part, sub_starts, sub_lens, masks, ctab, itab, dense,
     for s_ in range(maxlen + _U1):
         s = np.uint64(s_)
         for j in range(m):
-            kth = _kth_of_shares(hd2, k, hist)
-            if kth < np.uint64(m) * s + np.uint64(j):  # every code within m*s + j - 1 seen
+            capkey = _kth_key_of_shares(hk2, uk, scratch) if nparts > 1 else hk[0]
+            if capkey >> KEY_SHIFT < np.uint64(m) * s + np.uint64(j):  # every code within m*s + j - 1 seen
                 return True
-            # (kth, max id): a candidate may tie the k-th distance, never exceed it
             _, tch, done = _pass_share(q, n, w, j, s, part, nparts, np.int64(-1), masks, sub_starts, sub_lens,
                                        ctab, itab, dense, direct, direct_base, keys, key_base, nkeys, starts_,
-                                       budget - touched, hd, hi_, uk, none_d[0:0], none_i[0:0], 0, kth,
-                                       np.int64(np.iinfo(np.int64).max), hd2, hist, acc, blo, bhi)
+                                       budget - touched, hk, uk, none_d[0:0], none_i[0:0], 0, capkey, hk2,
+                                       scratch, acc, blo, bhi)
             if done:
                 return True
             if tch > budget - touched:
-                hd2[part, :] = _U0  # the query falls back to the scan: stop the other shares too
+                hk2[part, :] = _U0  # the query falls back to the scan: stop the other shares too
                 return False
             touched += tch
     return True
@@ -661,11 +693,11 @@ def _knn_share(q, w, n, k, part, sub_starts, sub_lens, masks, ctab, itab, dense,
 
 @njit(cache=True, parallel=True)
 def _knn_split(q, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base, keys,
-               key_base, nkeys, starts_, budget, hd2, hi2, nbits, ok):
+               key_base, nkeys, starts_, budget, hk2, ok):
     # Kept minimal: numba's parallel compile time grows with the kernel body.
-    for t in prange(hd2.shape[0]):
+    for t in prange(hk2.shape[0]):
         ok[t] = _knn_share(q, w, n, k, t, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base,
-                           keys, key_base, nkeys, starts_, budget, hd2, hi2, nbits)
+                           keys, key_base, nkeys, starts_, budget, hk2)
 
 
 @njit(cache=True)
@@ -675,21 +707,21 @@ def _knn_one_split(q, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, d
     the keys of every pass are dealt round-robin to the shares, each with a private heap; a code is
     taken only at its first pass, so the heaps hold distinct codes and merge without dedup.
     Writes the sorted result to out_d/out_i [1, k]; returns False if the query should fall back to
-    the scan. One compiled call: a query costs ~0.5 ms, and the Python-side allocations and merge
+    the scan. One compiled call: a query costs ~0.4 ms, and the Python-side allocations and merge
     cost 20 µs of it."""
     # each share's heap on cache lines of its own: no false sharing
-    stride = k + 8
-    hd2 = np.full((nparts, stride), _USENT, dtype=np.uint64)
-    hi2 = np.full((nparts, stride), -1, dtype=np.int64)
+    hk2 = np.full((nparts, k + 8), SENTINEL_KEY, dtype=np.uint64)
     ok = np.ones(nparts, dtype=np.bool_)
     # the fallback rule ("more than half the database") holds for the shares' sum
     share_budget = max(_U1, budget // np.uint64(nparts))
     _knn_split(q, w, n, k, sub_starts, sub_lens, masks, ctab, itab, dense, direct, direct_base, keys, key_base,
-               nkeys, starts_, share_budget, hd2, hi2, np.uint64(64) * w, ok)
+               nkeys, starts_, share_budget, hk2, ok)
     if not ok.all():
         return False
-    _bitops._merge_query(hd2[:, :k].copy().reshape(nparts, 1, k), hi2[:, :k].copy().reshape(nparts, 1, k), 0,
-                         out_d, out_i)
+    merged = np.empty(k, dtype=np.uint64)
+    _kth_key_of_shares(hk2, np.uint64(k), merged)  # the k smallest keys, as a heap
+    _heapsort_key(merged)
+    _unpack_keys(merged, out_d[0], out_i[0])
     return True
 
 
@@ -785,6 +817,8 @@ class MultiIndexHashing:
         if -(-self.bits // m) > _MAX_SUBSTRING_BITS:
             raise ValueError(f"m={m} gives substrings longer than {_MAX_SUBSTRING_BITS} bits; "
                              f"use m >= {-(-self.bits // _MAX_SUBSTRING_BITS)} for {self.bits}-bit codes")
+        if self.ntotal >= 1 << int(_bitops.KEY_SHIFT):
+            raise ValueError(f"MultiIndexHashing holds fewer than 2**{int(_bitops.KEY_SHIFT)} codes, got {self.ntotal:,}")
         self.m = int(m)
         #: Deal a single query's large passes out to all threads (True), or
         #: answer it on one thread (better when the cores are oversubscribed).
@@ -886,13 +920,13 @@ class MultiIndexHashing:
             logger.debug("MIH: the query fell back to the linear scan")
             return self._scan.search(queries, k)
         else:
-            # each query's heap as the one share of a split: [nq, 1, k]; the ids' heap is I itself
-            heap_d = np.full((nq, 1, k), _bitops.SENTINEL_D, dtype=np.uint64)
+            # each query's heap as the one share of a split: [nq, 1, k]
+            heap = np.full((nq, 1, k), SENTINEL_KEY, dtype=np.uint64)
             ok = np.ones(nq, dtype=np.bool_)
             # a single query without splitting runs on one thread: waking the pool costs more
             with _bitops.threads(1 if nq == 1 else _bitops.num_threads()):
-                _knn_parallel(qwords, np.uint64(self._words), self.ntotal, k, *self._table_args, self._budget, heap_d,
-                              I.reshape(nq, 1, k), D, ok)
+                _knn_parallel(qwords, np.uint64(self._words), self.ntotal, k, *self._table_args, self._budget, heap,
+                              D, I, ok)
         if not ok.all():
             bad = np.flatnonzero(~ok)
             logger.debug("MIH: %d of %d queries fell back to the linear scan", bad.size, nq)
