@@ -97,14 +97,21 @@ def default_m(bits: int, n: int) -> int:
     return int(min(bits, m))
 
 
-# Per-query cost model of one k-NN query (2 threads), fitted to single-query runs on 10M random
-# 64-bit codes at m=4 and m=5 on this 2-core machine: a bucket visit is a random memory access
-# (~0.28 µs), an entry streamed through a bucket costs ~1.3 ns per 64-bit word, and the linear scan
-# ~0.23 ns per word of the database. Checked against measured m sweeps (random and learned codes,
-# 10M x 64 bits): it ranks m right to within ~15% of the best, absolute times within 2x.
-SECONDS_PER_BUCKET = 2.8e-7
-SECONDS_PER_ENTRY_WORD = 1.3e-9
-SCAN_SECONDS_PER_WORD = 2.3e-10
+# Per-query cost model of one k-NN query (2 threads): a bucket visit (a lookup and a random memory
+# access, ~0.16 µs), an entry streamed through a bucket (~0.75 ns per 64-bit word), a visited entry
+# within the query's k-th distance (a heap offer, ~0.13 µs), and the linear scan (~0.24 ns per word
+# of the database). From `python bench/mih_plan_fit.py` on this 2-core machine (two runs, 11 m
+# settings of random and learned 10M x 64/128-bit codes, bench/results/mih_plan_fit.*): estimates
+# within 0.53-1.28x of measured (median error 15%). Least squares puts the bucket/entry ratio
+# anywhere in 150-335 depending on which rows it favours; random 64-bit codes need more than 172
+# to rank m=5 (the fastest) first, so the ratio is kept at 215, as in the first fit. Known miss:
+# on learned 128-bit codes it picks m=8 where m=6 is 1.7x faster (many of the buckets m=6 visits
+# are empty and cheap; the model counts keys, not occupied buckets); on learned 64-bit codes m=4
+# where m=3 is 0-16% faster.
+SECONDS_PER_BUCKET = 1.6e-7
+SECONDS_PER_ENTRY_WORD = 7.5e-10
+SECONDS_PER_NEAR_ENTRY = 1.3e-7
+SCAN_SECONDS_PER_WORD = 2.4e-10
 # The compact layout gathers each candidate from the codes: ~8.5 ns an entry (10M random 64-bit codes,
 # m=5: 200 q/s against 1,700-2,100 copied; learned codes, m=4: 1,030 against 3,860).
 SECONDS_PER_GATHER = 8.5e-9
@@ -114,8 +121,8 @@ SECONDS_PER_GATHER = 8.5e-9
 class Plan:
     """What :func:`plan` found for each layout: the best ``m`` and the estimated seconds per single
     query of MIH with ``m`` tables, and of the linear scan. ``costs[layout][m]`` holds every
-    estimate, ``work[m]`` the mean (buckets, table entries) a query visits, which the estimates are
-    made of (bench/mih_plan_fit.py fits the constants to them)."""
+    estimate, ``work[m]`` the mean (buckets, table entries, entries within the k-th distance) a
+    query visits, which the estimates are made of (bench/mih_plan_fit.py fits the constants)."""
 
     m: int
     seconds: float
@@ -163,6 +170,7 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
     lo_m, hi_m = -(-bits // _MAX_SUBSTRING_BITS), max(-(-bits // _MAX_SUBSTRING_BITS), bits // 4)
     ms = list(range(lo_m, hi_m + 1))
     entries = {m: np.zeros(queries.shape[0]) for m in ms}
+    near = {m: np.zeros(queries.shape[0]) for m in ms}  # visited entries within the k-th distance
     for q0 in range(0, queries.shape[0], 4):  # 4 queries at a time bound the memory
         q = queries[q0:q0 + 4]
         diff = np.unpackbits(q[:, None, :] ^ rows[None], axis=2, bitorder="little")
@@ -170,11 +178,13 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
         np.cumsum(diff, axis=2, out=cumulative[:, :, 1:])
         del diff
         r = radii[q0:q0 + 4]
+        close = cumulative[:, :, bits] <= r[:, None]  # [q, row]: within the k-th distance
         for m in ms:
             starts, lens = _substrings(bits, m)
             sub = cumulative[:, :, starts + lens] - cumulative[:, :, starts]       # [q, row, m]
-            deepest = _deepest_pass(r, m)                                          # [q, m]
-            entries[m][q0:q0 + 4] = (sub <= deepest[:, None, :]).sum(axis=(1, 2)) * scale
+            visited = sub <= _deepest_pass(r, m)[:, None, :]                       # [q, row, m]
+            entries[m][q0:q0 + 4] = visited.sum(axis=(1, 2)) * scale
+            near[m][q0:q0 + 4] = (visited & close[:, :, None]).sum(axis=(1, 2)) * scale
     scan_seconds = SCAN_SECONDS_PER_WORD * n * words
     per_entry = {"copied": SECONDS_PER_ENTRY_WORD * words, "compact": SECONDS_PER_GATHER}
     costs = {layout: {} for layout in LAYOUTS}
@@ -187,9 +197,9 @@ def plan(codes: np.ndarray, queries: np.ndarray, kth_distances, *, sample_rows: 
         for j, length in enumerate(lens):
             within[j, 1:] = np.minimum(np.cumsum([math.comb(int(length), i) for i in range(bits + 1)]), n)
         buckets = within[np.arange(m)[None, :], np.clip(deepest + 1, 0, bits + 1)].sum(axis=1)
-        work[m] = (float(buckets.mean()), float(entries[m].mean()))
+        work[m] = (float(buckets.mean()), float(entries[m].mean()), float(near[m].mean()))
         for layout, entry_seconds in per_entry.items():
-            seconds = SECONDS_PER_BUCKET * buckets + entry_seconds * entries[m]
+            seconds = SECONDS_PER_BUCKET * buckets + entry_seconds * entries[m] + SECONDS_PER_NEAR_ENTRY * near[m]
             # past _FALLBACK_FRACTION of the database a query gives up and scans
             seconds = np.minimum(seconds, entry_seconds * _FALLBACK_FRACTION * n + scan_seconds)
             costs[layout][m] = float(seconds.mean())
