@@ -37,11 +37,11 @@ A query whose search would touch more table entries than half the database
 linear scan, which gives identical results.
 
 When it pays: the cost grows with the k-th distance relative to the code
-length.  Measured with k=10, single queries (2-core AMD EPYC, bench/search_speed.py):
-at 64 bits and 10M random codes 5x our linear scan and 30x faiss
-IndexBinaryFlat (100M: 9x and 54x); on learned codes, whose neighbours are
-closer, 14x and 78x at 10M and 1.5x the scan already at 1M. At 1M random
-codes, or at 128 bits, the (AVX-512) linear scan is faster.
+length.  Measured with k=10, single queries (2-core Intel Xeon, bench/search_speed.py,
+commit 1a57e5d): at 64 bits and 10M random codes 5.4x our linear scan and 63x faiss
+IndexBinaryFlat; on learned codes, whose neighbours are closer, 17x and 178x at 10M and
+5x the scan already at 1M. At 1M random codes, or at 128 bits on random codes, the
+(AVX-512) linear scan is about as fast or faster; :func:`plan` tells these apart.
 """
 
 from __future__ import annotations
