@@ -26,7 +26,7 @@ SEARCHERS = ("auto", "numpy", "linear", "mih", "mih-compact")
 MIH_BUILD_SECONDS_PER_CODE = 6e-8
 MIH_PLAN_SECONDS = 1.0
 # "auto" builds MIH only where the cost model (mih.plan) expects it to answer this many times faster
-# than the scan: the model's times are within 2x of measured ones.
+# than the scan: the model's times are within 0.5-1.3x of measured ones (bench/mih_plan_fit.py).
 MIH_MIN_SPEEDUP = 1.5
 # "auto" builds the faster copied MIH tables only if they take at most this share of the memory
 # available then; otherwise the compact ones (ids only), if they pay, else it keeps scanning.

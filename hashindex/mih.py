@@ -51,7 +51,6 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import numba
 import numpy as np
 from numba import njit, prange
 from numba.extending import overload
@@ -365,14 +364,10 @@ def _distance(ctab, itab, w, p, q):
 
 @_hot
 def _bucket_min(ctab, itab, w, lo, hi, q):
+    """Smallest distance in [lo, hi), codes of several words (one-word codes take _probe's runs)."""
     m = _USENT
-    if w == _U1:
-        q0 = q[0]
-        for p in range(lo, hi):
-            m = min(m, popcount64(_word(ctab, itab, _U1, p, _U0) ^ q0))
-    else:
-        for p in range(lo, hi):
-            m = min(m, _distance(ctab, itab, w, p, q))
+    for p in range(lo, hi):
+        m = min(m, _distance(ctab, itab, w, p, q))
     return m
 
 
@@ -438,7 +433,9 @@ def _probe(ctab, itab, w, lo, hi, q, masks, j, s, bound, hk, k, collect_d, colle
         # The next bucket's lines, a few per run: the hardware prefetcher alone restarts at every
         # bucket (a random address) and leaves one thread's stream at ~2/3 of what it reaches.
         pf = next_lo + _U8 * _PREFETCH_LINES  # its head was prefetched at lookup
-        pf_step = _U8 * (-(-(next_hi - min(pf, next_hi)) // _U8) // (-(-(hi - lo) // _U64)) + _U1)
+        lines_left = -(-(next_hi - min(pf, next_hi)) // _U8)
+        runs = -(-(hi - lo) // _U64)
+        pf_step = _U8 * (lines_left // runs + _U1)  # entries (8 a line) prefetched per run
         while p0 < hi:
             p1 = min(p0 + _U64, hi)
             m = _U64
@@ -685,7 +682,7 @@ def _knn_share(q, w, n, k, part, sub_starts, sub_lens, masks, ctab, itab, dense,
     for s_ in range(maxlen + _U1):
         s = np.uint64(s_)
         for j in range(m):
-            capkey = _kth_key_of_shares(hk2, uk, scratch) if nparts > 1 else hk[0]
+            capkey = _kth_key_of_shares(hk2, uk, scratch)
             if capkey >> KEY_SHIFT < np.uint64(m) * s + np.uint64(j):  # every code within m*s + j - 1 seen
                 return True
             _, tch, done = _pass_share(q, n, w, j, s, part, nparts, np.int64(-1), masks, sub_starts, sub_lens,

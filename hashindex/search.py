@@ -140,7 +140,6 @@ class LinearScan:
 
     def _nchunks(self, nqueries: int) -> int:
         """Database ranges scanned in parallel; 1 means run on one thread."""
-        import numba
         from . import _bitops
 
         if self.ntotal * self._words * nqueries < _PARALLEL_MIN_WORDS:
@@ -159,7 +158,6 @@ class LinearScan:
         ``D = MISSING_DISTANCE`` (``2**31 - 1``), as faiss does.
         A 1-D ``queries`` of ``nbytes`` is one query.
         """
-        import numba
         from . import _bitops
 
         queries = _check_queries(queries, self.nbytes)
@@ -190,7 +188,6 @@ class LinearScan:
         the results of query ``i`` are ``D[lims[i]:lims[i+1]]`` (int32) and
         ``I[lims[i]:lims[i+1]]`` (int64), sorted by (distance, position).
         """
-        import numba
         from . import _bitops
 
         queries = _check_queries(queries, self.nbytes)
