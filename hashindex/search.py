@@ -227,17 +227,21 @@ class NumpyScan:
     def __repr__(self) -> str:
         return f"NumpyScan(ntotal={self.ntotal}, bits={self.bits})"
 
+    def _distance_blocks(self, query: np.ndarray):
+        """``(start, distances)`` of one query to the codes, block after block of ``BLOCK_ROWS``."""
+        query = np.ascontiguousarray(query).view(self._words.dtype)
+        for start in range(0, self.ntotal, self.BLOCK_ROWS):
+            counts = np.bitwise_count(np.bitwise_xor(self._words[start:start + self.BLOCK_ROWS], query))
+            total = counts[:, 0].astype(self._distance_dtype)
+            for word in range(1, counts.shape[1]):  # column sums: np.sum(axis=1) is 3x slower here
+                np.add(total, counts[:, word], out=total, casting="unsafe")
+            yield start, total
+
     def distances(self, query: np.ndarray) -> np.ndarray:
         """Hamming distance of one query (``uint8 [nbytes]``) to every code, ``[N]``."""
-        query = np.ascontiguousarray(query).view(self._words.dtype)
         out = np.empty(self.ntotal, dtype=self._distance_dtype)
-        for start in range(0, self.ntotal, self.BLOCK_ROWS):
-            block = np.bitwise_xor(self._words[start:start + self.BLOCK_ROWS], query)
-            np.bitwise_count(block, out=block)
-            total = out[start:start + len(block)]
-            np.copyto(total, block[:, 0], casting="unsafe")
-            for word in range(1, block.shape[1]):  # column sums: np.sum(axis=1) is 3x slower here
-                np.add(total, block[:, word], out=total, casting="unsafe")
+        for start, distance in self._distance_blocks(query):
+            out[start:start + len(distance)] = distance
         return out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -249,14 +253,35 @@ class NumpyScan:
             return out_d, out_i
         found = min(k, self.ntotal)
         for q, query in enumerate(queries):
-            distance = self.distances(query)
-            # the k-th smallest distance from a histogram (distances are small integers), then a
-            # stable sort of the few rows within it: ties stay in position order
-            kth = int(np.searchsorted(np.cumsum(np.bincount(distance, minlength=self.bits + 1)), found))
-            rows = np.flatnonzero(distance <= kth)
-            rows = rows[np.argsort(distance[rows], kind="stable")[:found]]
-            out_d[q, :found], out_i[q, :found] = distance[rows], rows
+            out_d[q, :found], out_i[q, :found] = self._nearest(query, found)
         return out_d, out_i
+
+    def _nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest rows of one query and their distances, ties by position.
+
+        Keeps only the rows within the k-th distance seen so far (a few per block once the first
+        block has set it), so a query costs one pass over the codes and no [N] array."""
+        kept_d, kept_rows = [], []
+        kept = kept_after_cut = 0
+        limit = self.bits
+        for start, distance in self._distance_blocks(query):
+            rows = np.flatnonzero(distance <= limit)
+            if rows.size == 0:
+                continue
+            kept_d.append(distance[rows])
+            kept_rows.append(rows + start)
+            kept += rows.size
+            # cut back to the k-th distance; only after the kept rows doubled, since ties at the
+            # k-th distance can be many (duplicate codes) and each cut concatenates them all
+            if kept >= k and kept >= 2 * kept_after_cut:
+                d, r = np.concatenate(kept_d), np.concatenate(kept_rows)
+                limit = int(np.partition(d, k - 1)[k - 1])
+                near = d <= limit
+                kept_d, kept_rows = [d[near]], [r[near]]
+                kept = kept_after_cut = int(np.count_nonzero(near))
+        d, r = np.concatenate(kept_d), np.concatenate(kept_rows)
+        order = np.argsort(d, kind="stable")[:k]  # kept rows are in position order: ties stay so
+        return d[order], r[order]
 
     def radius_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As :meth:`LinearScan.radius_search` (inclusive radius)."""
@@ -266,10 +291,12 @@ class NumpyScan:
             return empty_result_radius(queries.shape[0])
         per_query = []
         for query in queries:
-            distance = self.distances(query)
-            rows = np.flatnonzero(distance <= radius)
-            rows = rows[np.argsort(distance[rows], kind="stable")]
-            per_query.append((distance[rows].astype(np.int32), rows.astype(np.int64)))
+            found = [(distance[rows], rows + start) for start, distance in self._distance_blocks(query)
+                     for rows in [np.flatnonzero(distance <= radius)]]
+            distance = np.concatenate([d for d, _ in found])
+            rows = np.concatenate([r for _, r in found])
+            order = np.argsort(distance, kind="stable")
+            per_query.append((distance[order].astype(np.int32), rows[order].astype(np.int64)))
         lims = np.concatenate([[0], np.cumsum([len(rows) for _, rows in per_query])]).astype(np.int64)
         return lims, np.concatenate([d for d, _ in per_query]), np.concatenate([r for _, r in per_query])
 

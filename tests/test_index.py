@@ -187,6 +187,34 @@ def test_store_errors(tmp_path, clustered):
         hashindex.open(index.path).rows_of(["img1", "nope"])
 
 
+def test_ids_of_a_few_rows_across_shards_and_chunks(tmp_path):
+    n = store.IDS_SHARD + 3 * store.IDS_CHUNK + 5  # a second, partial shard
+    codes = np.random.default_rng(0).integers(0, 256, (n, 2), dtype=np.uint8)
+    names = [f"p{i:06d}" for i in range(n)]
+    hashindex.write_index(str(tmp_path / "idx"), codes, ids=names, chunk_rows=5000)
+    index = hashindex.open(str(tmp_path / "idx"))
+    rows = np.array([n - 1, 0, store.IDS_SHARD, store.IDS_CHUNK - 1, store.IDS_CHUNK, 7, 7])
+    assert index.ids_at(rows).tolist() == [names[r] for r in rows]
+    assert "ids" not in index.__dict__  # read from the rows' chunks, not the whole array
+    assert index.ids.tolist() == names
+
+
+def test_indexes_with_compressed_codes_and_unsharded_ids_still_read(tmp_path, clustered):
+    # the layout of indexes written before codes were stored raw and ids in shards
+    codes, _, index = clustered
+    group = zarr.open_group(f"{index.path}/{index.version}", mode="r+")
+    ids = group["ids"][:]
+    del group["codes"], group["ids"]
+    group.create_array("codes", shape=codes.shape, dtype="uint8", chunks=(128, 8))[:] = codes
+    group.create_array("ids", shape=ids.shape, dtype=str, chunks=(128,))[:] = ids
+    assert type(group["codes"].compressors[0]).__name__ == "ZstdCodec" and group["ids"].shards is None
+    old = hashindex.open(index.path)
+    queries = codes[:20] ^ np.uint8(1)
+    for a, b in zip(old.search(queries, 15), brute_force(queries, codes, 15)):
+        np.testing.assert_array_equal(a, b)
+    assert old.ids_at(np.array([300, 2])).tolist() == ["img300", "img2"]
+
+
 def test_write_index_checks_its_input(tmp_path):
     with pytest.raises(TypeError, match="uint8"):
         hashindex.write_index(str(tmp_path / "x"), np.zeros((3, 4), np.int32))
