@@ -339,8 +339,9 @@ def write_index(path: str, codes: np.ndarray, ids=None, *, labels: np.ndarray | 
     group = store.create_version(f"{str(path).rstrip('/')}/{version}", ids=ids, chunk_rows=chunk_rows,
                                  output=("codes", codes.shape[1], "uint8"), labels=labels,
                                  encoder_bytes=None if encoder is None else encoder.to_bytes(), attrs=attrs)
-    group["codes"][:] = codes
-    group["valid"][:] = True
+    rows = store.task_arrays(group)
+    rows["codes"][:] = codes
+    rows["valid"][:] = True
     group["chunk_done"][:] = 1
     store.finish_version(group)
     store.write_pointer(str(path), version)

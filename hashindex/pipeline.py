@@ -134,10 +134,11 @@ def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | No
         reasons[local] = np.asarray(decoded.reasons, dtype=object)
         ok, rejected = int(decoded.ok.sum()), int((~decoded.ok).sum())
     group = zarr.open_group(location, mode="r+")
+    rows = store.task_arrays(group)
     with store.writing(location, f"writing rows {task.start}–{task.stop}"):
-        group[transform.output][task.start:task.stop] = values
-        group["valid"][task.start:task.stop] = valid
-        group["reason"][task.start:task.stop] = reasons
+        rows[transform.output][task.start:task.stop] = values
+        rows["valid"][task.start:task.stop] = valid
+        rows["reason"][task.start:task.stop] = reasons
         group["chunk_done"][task.chunk] = 1
     return ok, rejected
 
@@ -214,7 +215,8 @@ def run_chunks(client, source: Source, group: zarr.Group, location: str, transfo
     plan = plan if plan is not None else full_plan(len(source), group.attrs["chunk_rows"])
     done = group["chunk_done"][:]
     todo = [t for t in plan if not done[t.chunk]]
-    width, dtype = group[transform.output].shape[1], str(group[transform.output].dtype)
+    output = store.task_arrays(group)[transform.output]
+    width, dtype = output.shape[1], str(output.dtype)
     if len(todo) < len(plan):
         log.info("resuming %s: %d of %d chunks already written", location, len(plan) - len(todo), len(plan))
     futures = []

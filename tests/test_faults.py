@@ -166,6 +166,44 @@ def test_full_disk_is_a_clear_error_and_a_rerun_with_space_completes(image_folde
     assert result.action == "updated" and result.added == 60 and len(hashindex.open(out)) == 100
 
 
+@pytest.mark.parametrize("fails", ["copying", "dropping the parts"])
+def test_an_interrupted_publish_of_the_task_chunks_is_finished_by_the_rerun(tmp_path, monkeypatch, fails):
+    task_rows = 4096
+    n = 2 * store.PUBLISHED_CHUNK_BYTES // 8 + 1234  # two published chunks and part of a third
+    codes = np.random.default_rng(5).integers(0, 256, (n, 8), dtype=np.uint8)
+    location = str(tmp_path / "v")
+    group = store.create_version(location, ids=np.arange(n).astype(str), chunk_rows=task_rows,
+                                 output=("codes", 8, "uint8"), attrs={"build_key": "k", "bits": 64})
+    parts = store.task_arrays(group)
+    assert parts.path.endswith(store.PARTS) and parts["codes"].chunks == (task_rows, 8)
+    parts["codes"][:] = codes
+    parts["valid"][: n - 7] = True
+    parts["reason"][n - 7:] = "unreadable"
+
+    def out_of_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    if fails == "copying":  # the second array's copy fails
+        real = zarr.Group.create_array
+        monkeypatch.setattr(zarr.Group, "create_array",
+                            lambda self, name, **kw: out_of_space() if name == "valid" else real(self, name, **kw))
+    else:
+        monkeypatch.setattr(zarr.Group, "__delitem__", out_of_space)
+    with pytest.raises(store.StoreError, match="No space left on device"):
+        store.finish_version(group)
+    monkeypatch.undo()
+    if fails == "dropping the parts":  # and it had deleted some of them
+        shutil.rmtree(os.path.join(location, store.PARTS, "codes"))
+    group = zarr.open_group(location, mode="r+")
+    assert not group.attrs.get("complete") and store.PARTS in group
+
+    summary = store.finish_version(group)  # the rerun of the build
+    assert summary["valid"] == n - 7 and summary["rejected"] == 7 and store.PARTS not in group
+    published = store.published_chunk_rows(task_rows, 8, n)
+    assert published % task_rows == 0 and published * 8 >= store.PUBLISHED_CHUNK_BYTES
+    assert group["codes"].chunks == (published, 8) and group["valid"].chunks == (published,)
+    assert np.array_equal(group["codes"][:], codes) and group["reason"][n - 1] == "unreadable"
+
+
 # ----------------------------------------------------------------------------- bad images
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
