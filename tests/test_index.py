@@ -199,6 +199,18 @@ def test_ids_of_a_few_rows_across_shards_and_chunks(tmp_path):
     assert index.ids.tolist() == names
 
 
+def test_rows_of_ids_found_by_checksum_tell_colliding_ids_apart(tmp_path):
+    a, b = "img29685295.jpg", "img32060020.jpg"  # the same CRC32
+    assert store.id_checksums([a])[0] == store.id_checksums([b])[0]
+    names = ["x.jpg", b, "y.jpg", a, "z.jpg"]
+    hashindex.write_index(str(tmp_path / "idx"), np.zeros((5, 1), np.uint8), ids=names)
+    index = hashindex.open(str(tmp_path / "idx"))
+    assert index.rows_of([a, "z.jpg", b, a]).tolist() == [3, 4, 1, 3]
+    assert "ids" not in index.__dict__  # only the matching rows' ids were read
+    with pytest.raises(store.StoreError, match="unknown id 'img1.jpg'"):
+        index.rows_of(["x.jpg", "img1.jpg"])
+
+
 def test_indexes_with_compressed_codes_and_unsharded_ids_still_read(tmp_path, clustered):
     # the layout of indexes written before codes were stored raw and ids in shards
     codes, _, index = clustered
@@ -213,6 +225,8 @@ def test_indexes_with_compressed_codes_and_unsharded_ids_still_read(tmp_path, cl
     for a, b in zip(old.search(queries, 15), brute_force(queries, codes, 15)):
         np.testing.assert_array_equal(a, b)
     assert old.ids_at(np.array([300, 2])).tolist() == ["img300", "img2"]
+    del group["id_crc32"]  # nor did they have id checksums
+    assert hashindex.open(index.path).rows_of(["img9", "img499"]).tolist() == [9, 499]
 
 
 def test_write_index_checks_its_input(tmp_path):
