@@ -48,10 +48,15 @@ class Index:
     names the images.
     """
 
-    def __init__(self, path: str, group, version: str | None, searcher: str = "auto"):
+    def __init__(self, path: str, group, version: str | None, searcher: str = "auto",
+                 table_memory: int | None = None):
         if searcher not in SEARCHERS:
             raise HashindexError(f"searcher must be one of {', '.join(SEARCHERS)}, got {searcher!r}")
+        if table_memory is not None and (isinstance(table_memory, bool) or not isinstance(table_memory, int)
+                                         or table_memory < 0):
+            raise HashindexError(f"table_memory must be a number of bytes >= 0, got {table_memory!r}")
         self.path, self.version, self._group, self._searcher_choice = path, version, group, searcher
+        self._table_memory = table_memory
         self.attrs = group.attrs.asdict()
         self.bits = int(self.attrs["bits"])
         self._scan_seconds = 0.0   # time the scans have spent answering ("auto" cost model)
@@ -147,8 +152,9 @@ class Index:
         loading its kernels (:data:`KERNEL_LOAD_SECONDS`) pays, and MIH once building its tables
         would have paid, if then MIH's cost model, run on the queries the scans answered
         (:func:`hashindex.mih.plan`), expects it to be :data:`MIH_MIN_SPEEDUP` times faster on
-        these codes; with compact tables if the copied ones would take more than
-        :data:`MIH_MEMORY_SHARE` of the available memory. A one-off ``hashindex query`` loads
+        these codes; with compact tables if the copied ones would not fit in ``table_memory`` bytes
+        (default: :data:`MIH_MEMORY_SHARE` of the memory available then), and none if neither
+        layout fits. A one-off ``hashindex query`` loads
         neither; a long-running process asking many queries gets MIH where the data makes it pay
         (e.g. 10M 64-bit codes, or learned 128-bit ones).
         """
@@ -162,9 +168,9 @@ class Index:
         if (self._plan is None and len(self._seen_kth) and spent >= MIH_PLAN_SECONDS
                 and spent >= self._mih_setup_seconds()):
             self._make_plan()
-        if self._plan is not None and self._plan.speedup >= MIH_MIN_SPEEDUP and self._copied_tables_fit():
+        if self._plan is not None and self._plan.speedup >= MIH_MIN_SPEEDUP and self._tables_fit("copied"):
             return "mih"
-        if self._plan is not None and self._plan.compact_speedup >= MIH_MIN_SPEEDUP:
+        if self._plan is not None and self._plan.compact_speedup >= MIH_MIN_SPEEDUP and self._tables_fit("compact"):
             return "mih-compact"
         kernels_ready = "_linear" in self.__dict__ or "hashindex._bitops" in sys.modules
         numpy_seconds = nqueries * self.ntotal * -(-self.bits // 64) * NUMPY_SECONDS_PER_WORD
@@ -178,12 +184,15 @@ class Index:
         tables = default_m(self.bits, max(self.ntotal, 1)) * -(-self.bits // 64)
         return self.ntotal * tables * MIH_BUILD_SECONDS_PER_CODE + MIH_PLAN_SECONDS
 
-    def _copied_tables_fit(self) -> bool:
-        import psutil  # dask's own dependency
-
+    def _tables_fit(self, layout: str) -> bool:
         from .mih import table_bytes
 
-        need = table_bytes(self.ntotal, self.bits, self._plan.m)
+        m = self._plan.m if layout == "copied" else self._plan.compact_m
+        need = table_bytes(self.ntotal, self.bits, m, layout)
+        if self._table_memory is not None:
+            return need <= self._table_memory
+        import psutil  # dask's own dependency
+
         return need <= MIH_MEMORY_SHARE * psutil.virtual_memory().available
 
     def _make_plan(self) -> None:
@@ -316,7 +325,7 @@ def _count(queries) -> int:
     return 1 if len(shape) < 2 else int(shape[0])
 
 
-def open(path: str, *, searcher: str = "auto") -> Index:  # noqa: A001 - the public name, like zarr.open
+def open(path: str, *, searcher: str = "auto", table_memory: int | None = None) -> Index:  # noqa: A001 - like zarr.open
     """Open the published version of the index at ``path`` (a folder or fsspec URL).
 
     ``searcher``: ``"numpy"`` (plain numpy scan, nothing to load), ``"linear"`` (numba popcount
@@ -325,9 +334,13 @@ def open(path: str, *, searcher: str = "auto") -> Index:  # noqa: A001 - the pub
     memory, several times slower) or ``"auto"`` (each in turn as the time spent answering pays for
     the next one's set-up, MIH where its cost model expects it to pay, compact where the copied
     tables would not fit in memory; see :meth:`Index._choose`). All give identical results.
+
+    ``table_memory``: the most bytes ``"auto"`` may give MIH tables, beside the codes (default: half
+    the memory available when it decides). At 10M 64-bit codes the copied tables take ~570 MB, the
+    compact ones ~190 MB and the codes 76 MB: ``table_memory=0`` keeps the memory at the codes.
     """
     group, version = store.open_group(str(path))
-    return Index(str(path), group, version, searcher)
+    return Index(str(path), group, version, searcher, table_memory)
 
 
 def write_index(path: str, codes: np.ndarray, ids=None, *, labels: np.ndarray | None = None,

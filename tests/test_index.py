@@ -101,19 +101,30 @@ def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monke
     assert never._plan is not None and never._plan.speedup < 1 and never.searcher == "linear"
 
 
-def test_auto_searcher_takes_compact_tables_when_the_copied_ones_would_not_fit(clustered, monkeypatch):
+def test_auto_searcher_builds_only_the_tables_that_fit_in_table_memory(clustered, monkeypatch):
     codes, _, index = clustered
     monkeypatch.setattr(hashindex.mih, "SCAN_SECONDS_PER_WORD", 1e-3)  # MIH pays, in both layouts
     monkeypatch.setattr(hashindex.index, "MIH_PLAN_SECONDS", 0.0)
     monkeypatch.setattr(hashindex.index, "MIH_BUILD_SECONDS_PER_CODE", 0.0)
-    monkeypatch.setattr(hashindex.index, "MIH_MEMORY_SHARE", 1e-12)  # no copied tables fit
-    auto = hashindex.open(index.path)
     queries = codes[:30] ^ np.uint8(4)
     expected = hashindex.open(index.path, searcher="linear").search(queries, 10)
-    for _ in range(3):
-        got = auto.search(queries, 10)
-        assert all((a == b).all() for a, b in zip(got, expected))
+
+    def answer(auto):
+        for _ in range(3):
+            got = auto.search(queries, 10)
+            assert all((a == b).all() for a, b in zip(got, expected))
+        return auto
+
+    codes_only = answer(hashindex.open(index.path, table_memory=0))
+    assert codes_only._plan.speedup > 1.5 and codes_only.searcher == "linear" and codes_only._mih is None
+    compact = hashindex.mih.table_bytes(500, 64, codes_only._plan.compact_m, "compact")
+    assert hashindex.mih.table_bytes(500, 64, codes_only._plan.m, "copied") > compact
+    auto = answer(hashindex.open(index.path, table_memory=compact))
     assert auto.searcher == "mih-compact" and auto._mih.m == auto._plan.compact_m
+    monkeypatch.setattr(hashindex.index, "MIH_MEMORY_SHARE", 1e-12)  # the default budget: available memory
+    assert answer(hashindex.open(index.path)).searcher == "linear"
+    with pytest.raises(hashindex.errors.HashindexError, match="table_memory must be a number of bytes"):
+        hashindex.open(index.path, table_memory=-1)
 
 
 def test_auto_searcher_starts_on_numpy_and_loads_the_kernels_once_that_pays(clustered, monkeypatch):
