@@ -28,8 +28,12 @@ MIH_PLAN_SECONDS = 1.0
 # "auto" builds MIH only where the cost model (mih.plan) expects it to answer this many times faster
 # than the scan: the model's times are within 0.5-1.3x of measured ones (bench/mih_plan_fit.py).
 MIH_MIN_SPEEDUP = 1.5
-# "auto" builds the faster copied MIH tables only if they take at most this share of the memory
-# available then; otherwise the compact ones (ids only), if they pay, else it keeps scanning.
+# "auto" gives MIH tables at most TABLE_MEMORY_RATIO times the bytes of the packed codes unless told
+# otherwise (open's table_memory), and never more than MIH_MEMORY_SHARE of the memory available then.
+# Compact tables (m int32 ids a code: 2-3x 64-bit codes) fit that default; the 2-6x faster copied ones
+# (m x (code + id): 6-8x) mostly do not, so a process stays near the size of its codes unless its user
+# gives the tables more.
+TABLE_MEMORY_RATIO = 4
 MIH_MEMORY_SHARE = 0.5
 # Queries (with their k-th distances) kept from the scan's answers for mih.plan.
 PLAN_QUERIES = 32
@@ -152,11 +156,12 @@ class Index:
         loading its kernels (:data:`KERNEL_LOAD_SECONDS`) pays, and MIH once building its tables
         would have paid, if then MIH's cost model, run on the queries the scans answered
         (:func:`hashindex.mih.plan`), expects it to be :data:`MIH_MIN_SPEEDUP` times faster on
-        these codes; with compact tables if the copied ones would not fit in ``table_memory`` bytes
-        (default: :data:`MIH_MEMORY_SHARE` of the memory available then), and none if neither
-        layout fits. A one-off ``hashindex query`` loads
-        neither; a long-running process asking many queries gets MIH where the data makes it pay
-        (e.g. 10M 64-bit codes, or learned 128-bit ones).
+        these codes; with copied tables if they fit in ``table_memory`` bytes (default:
+        :data:`TABLE_MEMORY_RATIO` times the packed codes; never more than :data:`MIH_MEMORY_SHARE`
+        of the memory available then), else compact ones if they fit, else none. A one-off
+        ``hashindex query`` loads neither; a long-running process asking many queries gets MIH where
+        the data and its memory budget make it pay (by default compact tables on learned codes; the
+        copied ones on 10M random 64-bit codes once given ~600 MB).
         """
         if self._searcher_choice != "auto":
             return self._searcher_choice
@@ -189,11 +194,20 @@ class Index:
 
         m = self._plan.m if layout == "copied" else self._plan.compact_m
         need = table_bytes(self.ntotal, self.bits, m, layout)
-        if self._table_memory is not None:
-            return need <= self._table_memory
+        budget = self.table_memory
+        if need > budget:
+            return False
         import psutil  # dask's own dependency
 
         return need <= MIH_MEMORY_SHARE * psutil.virtual_memory().available
+
+    @property
+    def table_memory(self) -> int:
+        """Most bytes ``"auto"`` gives MIH tables (``open``'s ``table_memory``, by default
+        :data:`TABLE_MEMORY_RATIO` times the packed codes)."""
+        if self._table_memory is not None:
+            return self._table_memory
+        return TABLE_MEMORY_RATIO * self.ntotal * (self.bits // 8)
 
     def _make_plan(self) -> None:
         """Decide once, on the queries seen so far, whether MIH pays and with how many tables."""
@@ -335,9 +349,11 @@ def open(path: str, *, searcher: str = "auto", table_memory: int | None = None) 
     the next one's set-up, MIH where its cost model expects it to pay, compact where the copied
     tables would not fit in memory; see :meth:`Index._choose`). All give identical results.
 
-    ``table_memory``: the most bytes ``"auto"`` may give MIH tables, beside the codes (default: half
-    the memory available when it decides). At 10M 64-bit codes the copied tables take ~570 MB, the
-    compact ones ~190 MB and the codes 76 MB: ``table_memory=0`` keeps the memory at the codes.
+    ``table_memory``: the most bytes ``"auto"`` may give MIH tables, beside the codes; by default
+    :data:`TABLE_MEMORY_RATIO` times the packed codes, and never more than half the memory available
+    when it decides. At 10M 64-bit codes the codes take 76 MB, compact tables ~190 MB (fit the default)
+    and the copied ones ~570 MB (pass e.g. ``table_memory=2**30`` for them: on random codes they are
+    5x the scan where compact ones lose to it); ``table_memory=0`` keeps a process at its codes.
     """
     group, version = store.open_group(str(path))
     return Index(str(path), group, version, searcher, table_memory)

@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 import hashindex
-from hashindex import store
+from hashindex import mih, store
 
 
 def brute_force(queries, codes, k):
@@ -69,7 +69,7 @@ def test_mih_searcher_gives_the_linear_scan_results(clustered):
 def test_auto_searcher_builds_mih_once_the_scan_has_paid_for_it(clustered, monkeypatch):
     codes, _, index = clustered
     monkeypatch.setattr(hashindex.mih, "SCAN_SECONDS_PER_WORD", 1e-3)  # pretend MIH is faster at this size
-    auto = hashindex.open(index.path)
+    auto = hashindex.open(index.path, table_memory=2**30)  # room for the copied tables
     linear = hashindex.open(index.path, searcher="linear")
     queries = codes[:30] ^ np.uint8(4)
     expected = linear.search(queries, 10)  # warm: JIT and loading out of the timing
@@ -117,12 +117,18 @@ def test_auto_searcher_builds_only_the_tables_that_fit_in_table_memory(clustered
 
     codes_only = answer(hashindex.open(index.path, table_memory=0))
     assert codes_only._plan.speedup > 1.5 and codes_only.searcher == "linear" and codes_only._mih is None
-    compact = hashindex.mih.table_bytes(500, 64, codes_only._plan.compact_m, "compact")
-    assert hashindex.mih.table_bytes(500, 64, codes_only._plan.m, "copied") > compact
+    compact = mih.table_bytes(500, 64, codes_only._plan.compact_m, "compact")
+    assert mih.table_bytes(500, 64, codes_only._plan.m, "copied") > compact
     auto = answer(hashindex.open(index.path, table_memory=compact))
     assert auto.searcher == "mih-compact" and auto._mih.m == auto._plan.compact_m
-    monkeypatch.setattr(hashindex.index, "MIH_MEMORY_SHARE", 1e-12)  # the default budget: available memory
-    assert answer(hashindex.open(index.path)).searcher == "linear"
+    # by default: TABLE_MEMORY_RATIO x the codes (4,000 bytes here)
+    default = hashindex.index.TABLE_MEMORY_RATIO * codes.nbytes
+    assert hashindex.open(index.path).table_memory == default
+    copied = mih.table_bytes(500, 64, codes_only._plan.m, "copied")
+    by_default = "mih" if copied <= default else "mih-compact" if compact <= default else "linear"
+    assert answer(hashindex.open(index.path)).searcher == by_default
+    monkeypatch.setattr(hashindex.index, "MIH_MEMORY_SHARE", 1e-12)  # and never past the available memory
+    assert answer(hashindex.open(index.path, table_memory=2**30)).searcher == "linear"
     with pytest.raises(hashindex.errors.HashindexError, match="table_memory must be a number of bytes"):
         hashindex.open(index.path, table_memory=-1)
 
