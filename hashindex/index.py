@@ -194,8 +194,7 @@ class Index:
 
         m = self._plan.m if layout == "copied" else self._plan.compact_m
         need = table_bytes(self.ntotal, self.bits, m, layout)
-        budget = self.table_memory
-        if need > budget:
+        if need > self.table_memory:
             return False
         import psutil  # dask's own dependency
 

@@ -4,8 +4,8 @@ Layout of an index ``INDEX`` (a local folder or an fsspec URL)::
 
     INDEX/CURRENT             name of the published version (replaced atomically)
     INDEX/<version>/          one Zarr group per version:
-        codes    uint8 [N, bits/8]   packed bits, numpy.packbits order, bit 1 ⇔ +1; chunked by rows
-        ids      str   [N]           the source's name of each image
+        codes    uint8 [N, bits/8]   packed bits, numpy.packbits order, bit 1 ⇔ +1; raw, CRC32C per chunk
+        ids      str   [N]           the source's name of each image (small chunks in shards)
         id_crc32 uint32 [N]          CRC32 of each id (UTF-8): finds an id's row without reading all ids
         valid    bool  [N]           False for rejected images
         reason   str   [N]           why a row was rejected ("" if valid)
