@@ -237,13 +237,6 @@ class NumpyScan:
                 np.add(total, counts[:, word], out=total, casting="unsafe")
             yield start, total
 
-    def distances(self, query: np.ndarray) -> np.ndarray:
-        """Hamming distance of one query (``uint8 [nbytes]``) to every code, ``[N]``."""
-        out = np.empty(self.ntotal, dtype=self._distance_dtype)
-        for start, distance in self._distance_blocks(query):
-            out[start:start + len(distance)] = distance
-        return out
-
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`LinearScan.search`."""
         queries = _check_queries(queries, self.nbytes)
@@ -253,17 +246,28 @@ class NumpyScan:
             return out_d, out_i
         found = min(k, self.ntotal)
         for q, query in enumerate(queries):
-            out_d[q, :found], out_i[q, :found] = self._nearest(query, found)
+            out_d[q, :found], out_i[q, :found] = self._within(query, self.bits, found)
         return out_d, out_i
 
-    def _nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest rows of one query and their distances, ties by position.
+    def radius_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`LinearScan.radius_search` (inclusive radius)."""
+        queries = _check_queries(queries, self.nbytes)
+        radius = _check_radius(radius)
+        if queries.shape[0] == 0 or self.ntotal == 0:
+            return empty_result_radius(queries.shape[0])
+        per_query = [self._within(query, radius) for query in queries]
+        lims = np.concatenate([[0], np.cumsum([len(rows) for _, rows in per_query])]).astype(np.int64)
+        return (lims, np.concatenate([d for d, _ in per_query]).astype(np.int32),
+                np.concatenate([r for _, r in per_query]).astype(np.int64))
 
-        Keeps only the rows within the k-th distance seen so far (a few per block once the first
-        block has set it), so a query costs one pass over the codes and no [N] array."""
+    def _within(self, query: np.ndarray, limit: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distances and rows of the codes within ``limit`` of one query, by (distance, position).
+
+        With ``k``, only the k nearest: the limit then shrinks to the k-th distance seen so far (a
+        few rows per block pass it once the first block has set it), so a query costs one pass over
+        the codes and no [N] array."""
         kept_d, kept_rows = [], []
         kept = kept_after_cut = 0
-        limit = self.bits
         for start, distance in self._distance_blocks(query):
             rows = np.flatnonzero(distance <= limit)
             if rows.size == 0:
@@ -273,32 +277,17 @@ class NumpyScan:
             kept += rows.size
             # cut back to the k-th distance; only after the kept rows doubled, since ties at the
             # k-th distance can be many (duplicate codes) and each cut concatenates them all
-            if kept >= k and kept >= 2 * kept_after_cut:
+            if k is not None and kept >= k and kept >= 2 * kept_after_cut:
                 d, r = np.concatenate(kept_d), np.concatenate(kept_rows)
                 limit = int(np.partition(d, k - 1)[k - 1])
                 near = d <= limit
                 kept_d, kept_rows = [d[near]], [r[near]]
                 kept = kept_after_cut = int(np.count_nonzero(near))
+        if not kept_d:
+            return np.empty(0, self._distance_dtype), np.empty(0, np.int64)
         d, r = np.concatenate(kept_d), np.concatenate(kept_rows)
         order = np.argsort(d, kind="stable")[:k]  # kept rows are in position order: ties stay so
         return d[order], r[order]
-
-    def radius_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """As :meth:`LinearScan.radius_search` (inclusive radius)."""
-        queries = _check_queries(queries, self.nbytes)
-        radius = _check_radius(radius)
-        if queries.shape[0] == 0 or self.ntotal == 0:
-            return empty_result_radius(queries.shape[0])
-        per_query = []
-        for query in queries:
-            found = [(distance[rows], rows + start) for start, distance in self._distance_blocks(query)
-                     for rows in [np.flatnonzero(distance <= radius)]]
-            distance = np.concatenate([d for d, _ in found])
-            rows = np.concatenate([r for _, r in found])
-            order = np.argsort(distance, kind="stable")
-            per_query.append((distance[order].astype(np.int32), rows[order].astype(np.int64)))
-        lims = np.concatenate([[0], np.cumsum([len(rows) for _, rows in per_query])]).astype(np.int64)
-        return lims, np.concatenate([d for d, _ in per_query]), np.concatenate([r for _, r in per_query])
 
 
 def hamming_distances(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
