@@ -13,8 +13,8 @@ import importlib
 # (seconds of a cold start) to search codes.
 _HOMES = {"Index": "index", "open": "index", "write_index": "index", "Encoder": "encoder",
           "BackboneSpec": "backbones", "create_backbone": "backbones", "cached_features": "build",
-          "encode": "build", "protocol_split": "build", "train_encoder": "build", "open_source": "sources",
-          "update": "update"}
+          "encode": "build", "method_backbone": "build", "protocol_split": "build", "train_encoder": "build",
+          "open_source": "sources", "update": "update"}
 
 
 def __getattr__(name: str):
@@ -29,4 +29,5 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0"
 __all__ = ["Index", "Encoder", "BackboneSpec", "open", "write_index", "encode", "train_encoder",
-           "cached_features", "protocol_split", "open_source", "create_backbone", "metrics", "update"]
+           "cached_features", "method_backbone", "protocol_split", "open_source", "create_backbone", "metrics",
+           "update"]

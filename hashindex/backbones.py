@@ -9,7 +9,7 @@ import ctypes
 import functools
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -26,17 +26,35 @@ class BackboneError(HashindexError):
     """Unknown backbone, missing or wrong weights file."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class BackboneSpec:
-    """Everything needed to rebuild the exact feature extractor; recorded in every encoder."""
+    """Everything needed to rebuild the exact feature extractor; recorded in every encoder and in
+    every feature cache's key.
+
+    ``stem_attention`` names a parameter-free module of :data:`STEM_ATTENTIONS` put right after the
+    network's stem (DPFAH's ``X + SimAM(X)``): it changes every feature, so it is part of the spec,
+    the one place that says which network computes the features, whether frozen (head mode, feature
+    caches) or trained (finetune mode). Which spec a method trains on: :func:`hashindex.build.method_backbone`.
+    """
 
     name: str = DEFAULT_BACKBONE
     image_size: int = 64
     weights: str | None = None          # local weights file (torchvision backbones)
     weights_sha256: str | None = None   # checked when the backbone is rebuilt elsewhere
+    stem_attention: str | None = None   # module after the stem (None: the plain network)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, without ``stem_attention`` when it is None: encoders and caches written before
+        the field existed keep their config, id and key."""
+        record = asdict(self)
+        if record["stem_attention"] is None:
+            del record["stem_attention"]
+        return record
+
+    def __repr__(self) -> str:
+        # feature-cache keys hash this text: a plain spec reads as it did before stem_attention existed
+        shown = [f for f in fields(self) if f.name != "stem_attention" or self.stem_attention is not None]
+        return f"BackboneSpec({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
 
 @dataclass(frozen=True)
@@ -117,9 +135,10 @@ def default_device() -> torch.device:
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, *, image_size: int = 64, weights: str | None = None,
-                    device: str | torch.device | None = None) -> Backbone:
-    """Build a frozen backbone by name. Raises :class:`BackboneError` with the fix for a bad request."""
-    return load_backbone(BackboneSpec(name, int(image_size), weights, None), device=device)
+                    stem_attention: str | None = None, device: str | torch.device | None = None) -> Backbone:
+    """Build a frozen backbone by name (``stem_attention``: a module of :data:`STEM_ATTENTIONS` after
+    its stem). Raises :class:`BackboneError` with the fix for a bad request."""
+    return load_backbone(BackboneSpec(name, int(image_size), weights, None, stem_attention), device=device)
 
 
 def feature_dim(name: str) -> int:
@@ -133,11 +152,18 @@ def _entry(name: str) -> _Entry:
 
 
 def resolve_spec(spec: BackboneSpec) -> BackboneSpec:
-    """Check a spec can be built here (known name, usable size, weights present and unchanged) and
-    fill in the weights' sha256, without building the network."""
+    """Check a spec can be built here (known name, usable size, stem attention known and placeable,
+    weights present and unchanged) and fill in the weights' sha256, without building the network."""
     entry = _entry(spec.name)
     if spec.image_size < 32:
         raise BackboneError(f"image size {spec.image_size} is too small for {spec.name}; use 32 or more")
+    if spec.stem_attention is not None:
+        if spec.stem_attention not in STEM_ATTENTIONS:
+            raise BackboneError(f"unknown stem attention {spec.stem_attention!r}; known: {', '.join(STEM_ATTENTIONS)}")
+        if entry.insert_after_stem is None:
+            raise BackboneError(f"backbone {spec.name} has no place for an attention module after its stem "
+                                f"({spec.stem_attention}); use one of "
+                                f"{', '.join(n for n, e in _REGISTRY.items() if e.insert_after_stem)}")
     if not entry.needs_weights:
         return spec
     if not spec.weights:
@@ -149,7 +175,7 @@ def resolve_spec(spec: BackboneSpec) -> BackboneSpec:
     if spec.weights_sha256 and digest != spec.weights_sha256:
         raise BackboneError(f"weights file {spec.weights} has changed since the encoder was trained "
                             f"(sha256 {digest[:12]}…, expected {spec.weights_sha256[:12]}…)")
-    return BackboneSpec(spec.name, spec.image_size, spec.weights, digest)
+    return replace(spec, weights_sha256=digest)
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,27 +197,52 @@ def keep_freed_memory() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
 
-STEM_ATTENTIONS: dict[str, Callable[[], nn.Module]] = {}
+# ----------------------------------------------------------------------------- stem attention
+class SimAM(nn.Module):
+    """Parameter-free attention: weights every neuron by ``sigmoid(1/E)`` from a closed-form energy.
+
+    Per channel: ``μ = mean_HW(X)``, ``d = (X − μ)²``, ``v = Σ_HW d / (HW − 1)``,
+    ``E⁻¹ = d / (4(v + λ)) + 0.5``, output ``X · sigmoid(E⁻¹)``. No parameters.
+    """
+
+    def __init__(self, lam: float = 1e-4):
+        super().__init__()
+        self.lam = float(lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[2] * x.shape[3]
+        d = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2)
+        v = d.sum(dim=(2, 3), keepdim=True) / max(n - 1, 1)
+        return x * torch.sigmoid(d / (4 * (v + self.lam)) + 0.5)
 
 
-def load_backbone(spec: BackboneSpec, device=None, *, stem_attention: str | None = None,
-                  state: dict[str, torch.Tensor] | None = None) -> Backbone:
-    """Build the backbone of ``spec``, frozen, in eval mode.
+class Residual(nn.Module):
+    """``X + module(X)``: DPFAH adds the attention output back to the feature map."""
 
-    ``stem_attention`` names a module of :data:`STEM_ATTENTIONS` inserted right after the stem, and
-    ``state`` replaces the pretrained weights: together they rebuild a backbone fine-tuned with an
-    encoder (see :mod:`hashindex.methods.deep`)."""
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return x + self.module(x)
+
+
+# Modules a spec's ``stem_attention`` can name. They live here, not with the method that uses them,
+# so that any process (a Dask worker computing a feature cache, a query loading an encoder) can
+# build the spec's network without importing the methods.
+STEM_ATTENTIONS: dict[str, Callable[[], nn.Module]] = {"simam": lambda: Residual(SimAM())}
+
+
+def load_backbone(spec: BackboneSpec, device=None, *, state: dict[str, torch.Tensor] | None = None) -> Backbone:
+    """Build the backbone of ``spec`` (its ``stem_attention`` inserted right after the stem), frozen,
+    in eval mode. ``state`` replaces the pretrained weights: a backbone fine-tuned with an encoder
+    (see :mod:`hashindex.methods.deep`)."""
     keep_freed_memory()
     spec = resolve_spec(spec)
     entry = _entry(spec.name)
     net, classifier = entry.build(spec.weights, spec.image_size)
-    if stem_attention:
-        if stem_attention not in STEM_ATTENTIONS:
-            raise BackboneError(f"unknown stem attention {stem_attention!r}; known: {', '.join(STEM_ATTENTIONS)}")
-        if entry.insert_after_stem is None:
-            raise BackboneError(f"backbone {spec.name} has no place for an attention module after its stem; "
-                                f"use one of {', '.join(n for n, e in _REGISTRY.items() if e.insert_after_stem)}")
-        entry.insert_after_stem(net, STEM_ATTENTIONS[stem_attention]())
+    if spec.stem_attention is not None:
+        entry.insert_after_stem(net, STEM_ATTENTIONS[spec.stem_attention]())
     if state is not None:
         try:
             net.load_state_dict(state, strict=True)

@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import zarr
@@ -51,6 +51,7 @@ class FeatureSet:
     labels: np.ndarray | None
     location: str
     seconds: float         # time spent computing (0 when read from the cache)
+    backbone: BackboneSpec | None = None  # the network that computed them (None: not recorded)
 
 
 def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_dir: str | None = None,
@@ -61,7 +62,9 @@ def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_di
     spec = resolve_spec(backbone)
     chunk_rows = chunk_rows_for(len(src), chunk_rows)
     key = build_key("features", spec, src.fingerprint(), chunk_rows, len(src))
-    location = os.path.join(cache_dir or default_cache_dir(), "features", f"{spec.name}-{spec.image_size}px-{key}.zarr")
+    attention = f"-{spec.stem_attention}" if spec.stem_attention else ""
+    location = os.path.join(cache_dir or default_cache_dir(), "features",
+                            f"{spec.name}{attention}-{spec.image_size}px-{key}.zarr")
     seconds = 0.0
     group = None
     if os.path.isdir(location):
@@ -72,13 +75,27 @@ def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_di
                                      output=("features", feature_dim(spec.name), "float16"),
                                      attrs={"build_key": key, "backbone": spec.to_dict(), "source": src.describe()})
         with _client(client, scheduler, n_workers) as c:
-            run_chunks(c, src, group, location, FeatureTransform(spec), desc=f"features {spec.name}")
+            run_chunks(c, src, group, location, FeatureTransform(spec), desc=f"features {spec.name}{attention}")
         store.finish_version(group)
         seconds = time.perf_counter() - started
-    return FeatureSet(group["features"][:], group["valid"][:], src.ids, src.labels, location, seconds)
+    return FeatureSet(group["features"][:], group["valid"][:], src.ids, src.labels, location, seconds, spec)
 
 
 MODES = ("head", "finetune")
+
+
+def method_backbone(method: str, spec: BackboneSpec = BackboneSpec(), params: dict | None = None) -> BackboneSpec:
+    """The backbone ``method`` trains on, given the one asked for: ``spec`` with the method's stem
+    attention (DPFAH: ``"simam"``, its ``X + SimAM(X)`` after the stem), or ``spec`` itself for a
+    method without one. Head mode trains on the cached features of this spec, finetune mode trains
+    this network, and the encoder records it, so that encoding an image later runs the network the
+    method trained on. The one place that turns a method's attention into a spec: precompute
+    features for :func:`train_encoder` (``features=``) with ``cached_features(source, method_backbone(…))``.
+    """
+    hasher = create_method(method, 8, **(params or {}))
+    if hasher.stem_attention is None:
+        return spec
+    return replace(spec, stem_attention=hasher.stem_attention)
 
 
 def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: BackboneSpec = BackboneSpec(),
@@ -99,19 +116,28 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
         settings on, so query images are never used for tuning.
     features
         Already computed features of ``source`` (the benchmark reuses one cache for every method).
+        They must come from ``method_backbone(method, backbone, params)`` (a FeatureSet that does not
+        record its backbone is taken to be of ``backbone``); anything else is a :class:`MethodError`.
     """
     if mode not in MODES:
         raise MethodError(f"unknown training mode {mode!r}; use one of {', '.join(MODES)}")
     if not 0.0 <= validation < 1.0:
         raise MethodError(f"validation must be a fraction in [0, 1), got {validation}")
     src = open_source(source)
-    spec = resolve_spec(backbone)
-    if features is None:
-        features = cached_features(src, spec, cache_dir=cache_dir, client=client, scheduler=scheduler,
-                                   n_workers=n_workers)
     hasher = create_method(method, bits, seed=seed, **(params or {}))
     if mode == "finetune" and not hasher.can_finetune:
         raise MethodError(f"{method} has no finetune mode: it trains on backbone features only (use mode head)")
+    spec = resolve_spec(method_backbone(method, backbone, params))
+    if features is None:
+        features = cached_features(src, spec, cache_dir=cache_dir, client=client, scheduler=scheduler,
+                                   n_workers=n_workers)
+    else:
+        given = resolve_spec(features.backbone) if features.backbone is not None else resolve_spec(backbone)
+        if given != spec:
+            raise MethodError(f"{method} trains on features of {spec}, but the features given are of {given}"
+                              + ("" if features.backbone is not None else " (the FeatureSet records no backbone: "
+                                 "taken to be the backbone argument's)")
+                              + "; compute them with cached_features(source, method_backbone(method, backbone))")
     rows = np.flatnonzero(features.valid)
     held_out = np.empty(0, np.int64)
     if validation:
@@ -127,7 +153,7 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
         fit_args["tags"] = np.asarray(tags)[rows]
     tuned = None
     if mode == "finetune":
-        tuned = load_backbone(spec, device=training_device(), stem_attention=hasher.stem_attention)
+        tuned = load_backbone(spec, device=training_device())
         fit_args.update(images=functools.partial(_training_pixels, src, rows), backbone=tuned)
     started = time.perf_counter()
     head = hasher.fit(x, y, **fit_args)
@@ -137,7 +163,6 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
                 "feature_seconds": round(features.seconds, 3)}
     encoder = Encoder(method=method, bits=bits, backbone=spec, head=head, training=training,
                       backbone_state=None if tuned is None else tuned.net.state_dict(),
-                      stem_attention=hasher.stem_attention if tuned is not None else None,
                       training_arrays=hasher.training_arrays())
     if len(held_out):
         training["validation"] = _validation_scores(encoder, src, features, rows, held_out)

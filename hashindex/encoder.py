@@ -4,9 +4,10 @@ Loading needs no training state: the config names the head type registered in :d
 constructor arguments; the tensors fill it. The encoder id is a content hash of what the encoder
 computes (backbone, preprocessing, head, weights), so two encoders with equal ids give equal codes.
 
-An encoder trained in finetune mode also carries its backbone's weights (tensors named
-``backbone/…``) and the config's ``tuned_backbone`` entry (e.g. the attention module DPFAH puts
-after the stem); a head-mode encoder uses the pretrained backbone of its spec.
+The backbone spec says which network computes the features, the attention module DPFAH puts after
+the stem included (``stem_attention``), whatever the mode. An encoder trained in finetune mode also
+carries that network's trained weights (tensors named ``backbone/…``, marked by the config's
+``tuned_backbone`` entry); a head-mode encoder uses the pretrained weights of its spec.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class Encoder:
 
     def __init__(self, *, method: str, bits: int, backbone: BackboneSpec, head: nn.Module,
                  training: dict[str, Any] | None = None, device: torch.device | str | None = None,
-                 backbone_state: dict[str, torch.Tensor] | None = None, stem_attention: str | None = None,
+                 backbone_state: dict[str, torch.Tensor] | None = None,
                  training_arrays: dict[str, np.ndarray] | None = None):
         if bits % 8:
             raise EncoderError(f"bits must be a multiple of 8, got {bits}")
@@ -82,7 +83,6 @@ class Encoder:
         # finetune mode: the trained backbone weights (None: the spec's pretrained weights)
         self.backbone_state = None if backbone_state is None else {
             k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}
-        self.stem_attention = stem_attention
         # part of the training record, not of what the encoder computes (e.g. NRDH's stage-1 codes)
         self.training_arrays = {k: np.ascontiguousarray(v) for k, v in (training_arrays or {}).items()}
         self._backbone: Backbone | None = None
@@ -103,7 +103,7 @@ class Encoder:
             "head": {"type": self.head.head_type, "kwargs": self.head.kwargs},
         }
         if self.finetuned:
-            config["tuned_backbone"] = {"stem_attention": self.stem_attention}
+            config["tuned_backbone"] = {"tensors": _BACKBONE_PREFIX}
         return config
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -115,18 +115,14 @@ class Encoder:
 
     @property
     def id(self) -> str:
-        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
-        for name, tensor in sorted(self._tensors().items()):
-            h.update(name.encode())
-            h.update(tensor.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return _content_id(self.config, self._tensors())
 
     # -- encoding ------------------------------------------------------------------------------
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
             self._backbone = load_backbone(self.backbone_spec, device=self._device or default_device(),
-                                           stem_attention=self.stem_attention, state=self.backbone_state)
+                                           state=self.backbone_state)
             self.head.to(self._backbone.device)
         return self._backbone
 
@@ -190,12 +186,18 @@ class Encoder:
         head.load_state_dict({k: v for k, v in tensors.items()
                               if not k.startswith((_BACKBONE_PREFIX, _TRAINING_PREFIX))})
         tuned = config.get("tuned_backbone")
-        enc = cls(method=config["method"], bits=config["bits"], backbone=BackboneSpec(**config["backbone"]),
+        spec = dict(config["backbone"])  # a spec written before stem_attention existed: None
+        legacy = isinstance(tuned, dict) and "stem_attention" in tuned
+        if legacy and tuned["stem_attention"] is not None:
+            # files from before the stem attention moved into the spec kept it under tuned_backbone
+            spec.setdefault("stem_attention", tuned["stem_attention"])
+        enc = cls(method=config["method"], bits=config["bits"], backbone=BackboneSpec(**spec),
                   head=head, training=meta.get("training"), device=device,
                   backbone_state=backbone_state if tuned is not None else None,
-                  stem_attention=(tuned or {}).get("stem_attention"),
                   training_arrays={k: v.numpy() for k, v in prefixed(_TRAINING_PREFIX).items()})
-        if enc.id != meta["id"]:
+        # a legacy fine-tuned file is checked against the config it was written with; loaded, it has
+        # the id of today's layout (same network, same weights: same codes)
+        if enc.id != meta["id"] and not (legacy and _content_id(config, enc._tensors()) == meta["id"]):
             raise EncoderError(f"{name}: content does not match its id {meta['id']} (corrupted file?)")
         return enc
 
@@ -211,5 +213,15 @@ class Encoder:
 
     def __repr__(self) -> str:
         tuned = ", fine-tuned" if self.finetuned else ""
-        return (f"Encoder(method={self.method!r}, bits={self.bits}, backbone={self.backbone_spec.name!r}@"
+        attention = f"+{self.backbone_spec.stem_attention}" if self.backbone_spec.stem_attention else ""
+        return (f"Encoder(method={self.method!r}, bits={self.bits}, backbone={self.backbone_spec.name!r}{attention}@"
                 f"{self.backbone_spec.image_size}px{tuned}, id={self.id})")
+
+
+def _content_id(config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """The encoder id: a hash of the config and of every tensor it computes with."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()[:16]

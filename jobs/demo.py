@@ -47,7 +47,9 @@ def main(argv=None) -> int:
 
     with dask_client(args.scheduler, n_workers=args.workers) as client:
         started = time.perf_counter()
-        features = hashindex.cached_features(source.subset(train), spec, client=client)
+        # the network the method trains on (DPFAH: SimAM after the stem)
+        features = hashindex.cached_features(source.subset(train), hashindex.method_backbone(args.method, spec),
+                                             client=client)
         times["features of training images"] = time.perf_counter() - started
 
         started = time.perf_counter()

@@ -1,11 +1,13 @@
 """Backbones, ITQ/LSH heads and the encoder file: real weights, real images, exact round trips."""
+import json
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 
 from hashindex import metrics
-from hashindex.backbones import BackboneError, BackboneSpec, create_backbone
+from hashindex.backbones import BackboneError, BackboneSpec, SimAM, create_backbone
 from hashindex.encoder import Encoder, EncoderError
 from hashindex.methods import create_method
 from hashindex.methods.base import MethodError
@@ -147,3 +149,50 @@ def test_deep_methods_reject_a_misspelt_parameter(method, tmp_path):
     with pytest.raises(MethodError, match="unknown parameter 'learning_rate'"):
         create_method(method, 16, config=str(config))
     assert create_method(method, 16, epochs=2, backbone_lr_factor=0.5).config["epochs"] == 2
+
+
+def test_stem_attention_is_part_of_the_spec_and_old_specs_read_as_before():
+    plain = BackboneSpec("efficientnet-lite0", 64)
+    simam = BackboneSpec("efficientnet-lite0", 64, stem_attention="simam")
+    # a plain spec records and prints as before the field existed: old encoder ids and cache keys hold
+    assert plain.to_dict() == {"name": "efficientnet-lite0", "image_size": 64, "weights": None, "weights_sha256": None}
+    assert repr(plain) == ("BackboneSpec(name='efficientnet-lite0', image_size=64, weights=None, "
+                           "weights_sha256=None)")
+    assert simam.to_dict()["stem_attention"] == "simam" and "stem_attention='simam'" in repr(simam)
+    assert BackboneSpec(**plain.to_dict()) == plain and BackboneSpec(**simam.to_dict()) == simam
+    with pytest.raises(BackboneError, match="unknown stem attention 'cbam'"):
+        create_backbone("efficientnet-lite0", stem_attention="cbam")
+
+
+def test_encoder_records_the_stem_attention(sample):
+    head = create_method("lsh", 32, seed=0).fit(sample["features"][:1000])
+    plain = Encoder(method="lsh", bits=32, backbone=BackboneSpec(), head=head)
+    simam = Encoder(method="lsh", bits=32, backbone=BackboneSpec(stem_attention="simam"), head=head)
+    assert "stem_attention" not in plain.config["backbone"] and simam.config["backbone"]["stem_attention"] == "simam"
+    assert simam.id != plain.id  # another network: other codes for the same image
+    again = Encoder.from_bytes(simam.to_bytes())
+    assert again.backbone_spec == simam.backbone_spec and again.id == simam.id
+    assert isinstance(again.backbone.net.after_stem.module, SimAM)
+    assert isinstance(Encoder.from_bytes(plain.to_bytes()).backbone.net.after_stem, torch.nn.Identity)
+
+
+def test_a_finetuned_encoder_file_of_the_old_layout_still_loads(sample):
+    """Before the stem attention moved into the spec, a fine-tuned encoder kept it in its config's
+    ``tuned_backbone`` entry; such a file loads, with the attention in its spec."""
+    from safetensors.torch import save as st_save
+    from hashindex.encoder import _content_id
+    head = create_method("lsh", 16, seed=0).fit(sample["features"][:1000])
+    state = {"model._conv_stem.weight": torch.ones(2, 3)}  # the loader does not build the backbone
+    new = Encoder(method="dpfah", bits=16, backbone=BackboneSpec(stem_attention="simam"), head=head,
+                  backbone_state=state)
+    tensors = new._tensors()
+    config = {**new.config, "backbone": BackboneSpec().to_dict(), "tuned_backbone": {"stem_attention": "simam"}}
+    old_id = _content_id(config, tensors)
+    data = st_save(tensors, metadata={"hashindex_encoder": json.dumps({"config": config, "id": old_id})})
+    loaded = Encoder.from_bytes(data)
+    assert loaded.backbone_spec.stem_attention == "simam" and loaded.finetuned
+    assert loaded.id == new.id
+    # the old layout's id still guards its content
+    broken = json.dumps({"config": {**config, "bits": 16}, "id": "0" * 16})
+    with pytest.raises(EncoderError, match="does not match its id"):
+        Encoder.from_bytes(st_save(tensors, metadata={"hashindex_encoder": broken}))

@@ -1,34 +1,42 @@
 """DPFAH — deep parameter-free attention hashing (seed 001; supervised, needs labels).
 
 The paper's network is ResNet18 with a parameter-free attention module (SimAM) added back to the
-stem's feature map (``X + PFA(X)``), then the residual stages, the 512-d pooled feature ``φ(x)`` and
-two branches on it: a hash layer ``u = Wᵀφ(x) + v`` (k outputs) and a classifier ``o`` (c outputs).
-Loss ``L = L1 + η L2 + ζ L3``:
+stem's feature map (``X + PFA(X)``), then the residual stages, the 512-d pooled feature ``φ(x; θ)``
+and two parallel branches on it: a hash layer ``u = Wᵀφ(x) + v`` (k outputs) and a classifier ``o``
+(c outputs). Loss ``L = L1 + η L2 + ζ L3``:
 
 - ``L1`` pairwise negative log-likelihood, ``Σ softplus(Θ_ij) − s_ij Θ_ij``, ``Θ_ij = ½ f(u_i)ᵀ f(u_j)``;
 - ``L2`` quantization regulation ``Σ_i ‖ReLU(1 − b_i ⊙ f(u_i))‖²``, ``b_i = sign(u_i)``;
-- ``L3`` class-wise loss: softmax cross-entropy (int labels) or sigmoid BCE (multi-hot labels);
+- ``L3`` class-wise loss ``Σ_i ℓ(o_i, y_i)``: softmax cross-entropy (int labels) or sigmoid BCE
+  summed over the classes (multi-hot labels);
 
 with the piecewise relaxation ``f(u) = clamp(u, −δ, δ)``, ``δ = 1.1`` (our choice, see methods.md).
+``L3`` reaches the codes only through the shared trunk ``θ`` (the paper's Eq. 20): ``W`` and ``v``
+get no gradient from it (Eq. 19).
 
-Normalisation per mini-batch of ``B`` images (our choice): the two sums of the paper's hashing loss,
+Normalisation per mini-batch of ``B`` images (our choice): the three sums of the paper's loss,
 ``L1`` over the ``B(B−1)`` ordered pairs of distinct images (a self-pair carries no similarity
-information) and ``L2`` over the ``B·k`` code entries, are divided by the same count ``B(B−1)``, which
-keeps the paper's balance between them (``η`` weighs a per-image sum against a per-pair sum).
-Measured on 1,000 Fashion-MNIST features, 32 bits: dividing ``L2`` by its own count ``B·k`` instead
-made ``η = 10`` swamp ``L1`` (the pair loss rose during training; mAP 0.527 against 0.573).
-``L3`` is the usual mean over images (and classes, for BCE).
+information), ``L2`` over the ``B·k`` code entries and ``L3`` over the ``B`` images, are all divided
+by the same count ``B(B−1)``, which keeps the paper's balance between them (``η`` and ``ζ`` weigh
+per-image sums against a per-pair sum; a mean over images for ``L3`` made ``ζ`` act ``B − 1`` times
+heavier than the equation says). Measured on 1,000 Fashion-MNIST features, 32 bits: dividing ``L2``
+by its own count ``B·k`` instead made ``η = 10`` swamp ``L1`` (the pair loss rose during training;
+mAP 0.527 against 0.573).
 
-Two modes:
+Two modes, one network: the backbone spec carries ``stem_attention="simam"`` in both
+(:func:`hashindex.build.method_backbone`), so the features are always those of the backbone with
+``X + SimAM(X)`` after its stem, and the encoder encodes images through that same network.
 
-- **head** (the CPU default): on cached pooled features of the frozen backbone. The stem-level SimAM
-  cannot act on pooled features, so head mode trains the two branches on the features. Optionally
-  (``adapter``) a trainable layer shared by both branches stands in for the backbone's trainable
-  last stage; without it the classifier shares no parameter with the hash layer and ``L3`` cannot
-  change the codes.
+- **head** (the CPU default): on cached pooled features of the frozen backbone with SimAM (its
+  weights the pretrained ones: SimAM has none to train). The frozen backbone stands in for the
+  frozen part of ``θ``; ``adapter`` is the trainable rest of the shared trunk, on which both branches
+  sit, so that ``L3`` shapes the codes as in the paper (``paper``: one ReLU layer to 512 wide, the
+  paper's ``φ`` size). Without an adapter the classifier shares no parameter with the hash layer
+  and ``L3`` cannot change the codes.
 - **finetune**: the backbone with ``X + SimAM(X)`` after its stem, trained end to end with both
-  branches. With ``--backbone resnet18 --weights FILE`` this is the paper's network; with the
-  default EfficientNet-Lite0 the attention follows its stem (conv, BN, ReLU6) the same way.
+  branches on its pooled feature (the backbone is the shared trunk: ``adapter`` is not used). With
+  ``--backbone resnet18 --weights FILE`` this is the paper's network; with the default
+  EfficientNet-Lite0 the attention follows its stem (conv, BN, ReLU6) the same way.
 """
 from __future__ import annotations
 
@@ -39,45 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import STEM_ATTENTIONS
+# SimAM and ``X + SimAM(X)`` live with the backbones, as the spec's stem attention "simam", so that
+# any process can rebuild the network; re-exported here as the paper's module.
+from ..backbones import SimAM  # noqa: F401
 from .base import MethodError, register_method
 from .common import MLPHead, label_similarity, off_diagonal, sign
 from .deep import DeepHashMethod
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- the paper's network
-class SimAM(nn.Module):
-    """Parameter-free attention: weights every neuron by ``sigmoid(1/E)`` from a closed-form energy.
-
-    Per channel: ``μ = mean_HW(X)``, ``d = (X − μ)²``, ``v = Σ_HW d / (HW − 1)``,
-    ``E⁻¹ = d / (4(v + λ)) + 0.5``, output ``X · sigmoid(E⁻¹)``. No parameters.
-    """
-
-    def __init__(self, lam: float = 1e-4):
-        super().__init__()
-        self.lam = float(lam)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[2] * x.shape[3]
-        d = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2)
-        v = d.sum(dim=(2, 3), keepdim=True) / max(n - 1, 1)
-        return x * torch.sigmoid(d / (4 * (v + self.lam)) + 0.5)
-
-
-class _Residual(nn.Module):
-    """``X + module(X)``: the paper adds the attention output back to the feature map."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        return x + self.module(x)
-
-
-STEM_ATTENTIONS["simam"] = lambda: _Residual(SimAM())
 
 
 # ----------------------------------------------------------------------------- losses
@@ -100,10 +77,15 @@ def quantization_regulation(u: torch.Tensor, fu: torch.Tensor) -> torch.Tensor:
 
 
 def classwise_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy for class indices ``[B]``, sigmoid BCE for multi-hot ``[B, c]``."""
+    """``Σ_i ℓ(o_i, y_i) / (B(B−1))``: softmax cross-entropy for class indices ``[B]``, sigmoid BCE
+    summed over the classes for multi-hot ``[B, c]``; divided by the pairwise loss's count, like
+    :func:`quantization_regulation`, so ``ζ`` weighs the paper's per-image sum against its per-pair sum."""
+    n = logits.shape[0]
     if target.ndim == 1:
-        return F.cross_entropy(logits, target)
-    return F.binary_cross_entropy_with_logits(logits, target.float())
+        total = F.cross_entropy(logits, target, reduction="sum")
+    else:
+        total = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum")
+    return total / (n * max(n - 1, 1))
 
 
 def _class_targets(labels: np.ndarray, n: int, name: str) -> tuple[np.ndarray, int]:
@@ -133,7 +115,7 @@ def _optimizer(kind: str, params, lr: float, weight_decay: float) -> torch.optim
 # ----------------------------------------------------------------------------- head mode
 @register_method("dpfah")
 class DPFAH(DeepHashMethod):
-    """DPFAH in head mode: hash and classifier branches trained on frozen backbone features.
+    """DPFAH: hash and classifier branches on a shared trunk (see the module docstring for the modes).
 
     Parameters (profile entries, overridable as keyword arguments)
     ----------
@@ -142,16 +124,19 @@ class DPFAH(DeepHashMethod):
         The paper uses RMSProp.
     delta : float, default 1.1
         Relaxation bound of ``f(u) = clamp(u, −δ, δ)``.
-    adapter : list of int, default []
-        Hidden widths of a trainable ReLU stack shared by both branches (``[]``: the branches sit
-        directly on the backbone feature, as the brief reads the paper in head mode; then the
-        classifier shares no parameter with the hash layer and ``classwise`` cannot change the codes).
+    adapter : list of int
+        Head mode: widths of the trainable ReLU stack shared by both branches, the trainable part of
+        the paper's trunk ``φ`` (``paper``: ``[512]``; ``[]``: the branches sit directly on the frozen
+        feature, the classifier shares no parameter with the hash layer and ``classwise`` cannot
+        change the codes). Not used in finetune mode, where the backbone is the trunk.
     standardize : {"none", "center", "scale"}
         Train on features minus the training mean (and divided by the std); folded into the first
         layer after training, so the encoder head takes raw features. ``paper``: none.
     loss_weights : {"pairwise": 1, "quantization": η = 10, "classwise": ζ = 0.1}
+        Each term a sum divided by ``B(B−1)`` (see the module docstring).
 
     The encoder's head is the hash branch (adapter + hash layer) as an ``mlp`` head; bits = sign(u).
+    Its backbone spec has ``stem_attention="simam"`` in both modes.
     """
 
     needs_labels = True
@@ -161,7 +146,8 @@ class DPFAH(DeepHashMethod):
     def build(self, x, y):
         targets, n_classes = _class_targets(y.cpu().numpy(), len(x), self.name)
         self.targets_ = torch.from_numpy(targets).to(x.device)
-        dims = [x.shape[1], *[int(h) for h in self.config.get("adapter", [])]]
+        adapter = [] if self.finetuning else self.config.get("adapter", [])  # finetune: the backbone is φ
+        dims = [x.shape[1], *[int(h) for h in adapter]]
         layers = []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [["linear", a, b], ["relu"]]
@@ -176,7 +162,7 @@ class DPFAH(DeepHashMethod):
         self.shift_ = xf.mean(0) if mode != "none" else torch.zeros(x.shape[1], device=x.device)
         self.scale_ = (xf.std(0).clamp_min(1e-6) if mode == "scale"
                        else torch.ones(x.shape[1], device=x.device))
-        self.trunk_ = head.net[:-1]        # shared φ (identity without an adapter)
+        self.trunk_ = head.net[:-1]        # the trainable part of the shared φ (identity without an adapter)
         self.hash_layer_ = head.net[-1]
         self.classifier_ = nn.Linear(dims[-1], n_classes).to(x.device)
         return head
