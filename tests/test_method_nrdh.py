@@ -69,3 +69,73 @@ def test_paper_profile_random_graphs(fmnist_features):
     method = create_method("nrdh", 16, node_epochs=1, epochs=1)
     method.fit(fmnist_features["train"][:200])
     assert method.node_representations_.shape == (200, 16)
+
+
+# -- issue #13: what each stage learns ----------------------------------------------------------
+def _reconstruction_error(method, x, graphs):
+    """Mean ‖X − X̂‖² per node of the fitted stage-1 auto-encoder over the graphs ``graphs`` of ``x``."""
+    nodes = torch.from_numpy(x)[graphs]
+    with torch.no_grad():
+        _, recon = method.node_autoencoder_(reweighted_correlation(nodes, method.rho, method.p), nodes)
+    return float(((recon - nodes) ** 2).sum(2).mean())
+
+
+STAGE1 = {"node_epochs": 2}  # the paper profile: random 10-node graphs, one graph a step
+
+
+@pytest.fixture(scope="module")
+def stage1_only(fmnist_features):
+    """Stage 1 trained on 300 training features, stage 2 not at all (0 epochs)."""
+    method = create_method("nrdh", 32, epochs=0, **STAGE1)
+    method.fit(fmnist_features["train"][:300])
+    return method
+
+
+def test_stage1_autoencoder_learns_to_reconstruct_through_the_graphs(stage1_only, fmnist_features):
+    x, held_out = fmnist_features["train"][:300], fmnist_features["query"]
+    # same seed: the untrained auto-encoder is the one stage 1 started from
+    untrained = create_method("nrdh", 32, node_epochs=0, epochs=0)
+    untrained.fit(x)
+    trained = stage1_only
+    terms = [epoch["reconstruction"] for epoch in trained.node_history_]
+    assert terms[-1] < terms[0]
+    for rows in (x, held_out):  # the training graphs and graphs of images it never saw
+        graphs = trained._random_graphs(len(rows), torch.Generator().manual_seed(7))
+        before = _reconstruction_error(untrained, rows, graphs)
+        after = _reconstruction_error(trained, rows, graphs)
+        # predicting every node as the mean training feature: what an auto-encoder that ignores its
+        # input would get at best
+        mean_only = float(((rows - x.mean(0)) ** 2).sum(1).mean())
+        assert after < 0.6 * before, (after, before)
+        assert after < 0.95 * mean_only, (after, mean_only)
+
+
+def _per_dimension_correlation(a, b):
+    a, b = a - a.mean(0), b - b.mean(0)
+    return float(((a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-12)).mean())
+
+
+def test_stage2_fc_output_approaches_the_node_representations(stage1_only, fmnist_features):
+    x = fmnist_features["train"][:300]
+    start = stage1_only  # the hash network as stage 2 begins
+    fitted = create_method("nrdh", 32, epochs=4, **STAGE1)
+    fitted.fit(x)
+    # same seed and stage-1 settings: the same targets
+    np.testing.assert_array_equal(start.node_representations_, fitted.node_representations_)
+    g = torch.from_numpy(fitted.node_representations_)
+    shuffled = g[torch.randperm(len(g), generator=torch.Generator().manual_seed(0))]
+
+    def fc(method):  # the hash network before its tanh, as at encoding time
+        with torch.no_grad():
+            return method.head_.eval().net[:-1](torch.from_numpy(x))
+
+    mse_start = float(((fc(start) - g) ** 2).mean())
+    mse_fitted = float(((fc(fitted) - g) ** 2).mean())
+    assert fitted.history_[-1]["fit"] < fitted.history_[0]["fit"]
+    assert mse_fitted < 0.9 * mse_start, (mse_fitted, mse_start)
+    # it fits each image's own representation, not just their distribution. (The MSE also holds each
+    # dimension's mean offset of g, which the final BN's shift learns at most lr a step; the
+    # correlation below leaves offsets and scales out.)
+    assert mse_fitted < 0.9 * float(((fc(fitted) - shuffled) ** 2).mean())
+    assert _per_dimension_correlation(fc(start), g) < 0.2
+    assert _per_dimension_correlation(fc(fitted), g) > 0.6

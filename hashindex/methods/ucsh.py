@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import register_method
+from .base import MethodError, register_method
 from .common import MLPHead, cosine_distance, off_diagonal
 from .deep import DeepHashMethod
 
@@ -89,8 +89,12 @@ class UCSH(DeepHashMethod):
 
     Parameters (config profile keys, overridable as keyword arguments)
     ----------
-    n_clusters : int
-        N, centroids of the per-epoch K-means (10 single-label, 30 multi-label in the paper).
+    n_clusters : int or "auto"
+        N, centroids of the per-epoch K-means. "auto" (the profiles' default): the paper's N = 30 for
+        a multi-label source and 10 otherwise, told apart by the training labels passed to ``fit``:
+        multi-hot (2-D) labels mean multi-label, 1-D labels or none mean 10. The labels are read for
+        their shape only, never as supervision: the codes are the same whatever their values are.
+        An integer overrides. The value used is ``n_clusters_`` after ``fit``.
     kmeans_iterations : int
         Lloyd iterations per epoch; from the second epoch K-means starts from the previous centroids,
         so cluster c keeps its Hadamard target from epoch to epoch.
@@ -104,12 +108,31 @@ class UCSH(DeepHashMethod):
     similarity_grad : bool
         Let ``L_2`` back-propagate into the adapter through ``S`` (end to end, as the paper).
     lr_decay_every, lr_decay : int, float
-        Step decay of the learning rate (the paper: "step-decayed"; the steps are our choice).
+        Step decay of the learning rate (the paper: "step-decayed"; the steps are our choice): every
+        parameter group's own initial rate times ``lr_decay ** (epoch // lr_decay_every)``, as
+        torch's ``StepLR``, so in finetune mode the backbone keeps its ``backbone_lr_factor``.
+        0 = no decay.
     """
 
     loss_names = ("pairwise", "reconstruction", "kl", "cluster", "separate")
 
     # -- setup ---------------------------------------------------------------------------------
+    def resolve_n_clusters(self, y: torch.Tensor | None) -> int:
+        """N: the configured integer, or for "auto" 30 when ``y`` is multi-hot (2-D), else 10. Only
+        ``y``'s number of dimensions is read."""
+        n = self.n_clusters
+        if n == "auto":
+            return 30 if y is not None and y.ndim == 2 else 10
+        whole = isinstance(n, int) or (isinstance(n, float) and n.is_integer())
+        if isinstance(n, bool) or not whole or n < 1:
+            raise MethodError(f"ucsh: n_clusters must be a positive integer or 'auto', got {n!r}")
+        return int(n)
+
+    def params(self) -> dict:
+        # the training record names the N that "auto" resolved to
+        used = getattr(self, "n_clusters_", None)
+        return {**super().params(), **({} if used is None else {"n_clusters_used": used})}
+
     def build(self, x, y):
         d = x.shape[1]
         head = MLPHead([["linear", d, d], ["relu"], ["linear", d, self.bits]])
@@ -118,7 +141,8 @@ class UCSH(DeepHashMethod):
             head.net[0].bias.zero_()
         hidden = int(self.decoder_hidden)
         self.decoder_ = nn.Sequential(nn.Linear(self.bits, hidden), nn.ReLU(), nn.Linear(hidden, d)).to(x.device)
-        self.targets_ = hadamard_targets(int(self.n_clusters), self.bits).to(x.device)
+        self.n_clusters_ = self.resolve_n_clusters(y)
+        self.targets_ = hadamard_targets(self.n_clusters_, self.bits).to(x.device)
         self.centers_ = None
         self.cluster_generator_ = torch.Generator().manual_seed(self.seed)
         return head
@@ -132,12 +156,14 @@ class UCSH(DeepHashMethod):
     def on_epoch_start(self, epoch, x, y):
         every = int(self.config.get("lr_decay_every") or 0)
         if every:
+            # StepLR's rule on each group's own initial rate (StepLR's key: "initial_lr")
             for group in self.optimizer_.param_groups:
-                group["lr"] = self.lr * float(self.lr_decay) ** (epoch // every)
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * float(self.lr_decay) ** (epoch // every)
         with torch.no_grad():
             x = self.current_features()  # the paper clusters the features of the network being trained
             features = torch.cat([self.adapt(x[i:i + 2048]) for i in range(0, len(x), 2048)])
-            self.centers_, assignment = kmeans(features, int(self.n_clusters),
+            self.centers_, assignment = kmeans(features, self.n_clusters_,
                                                iterations=int(self.kmeans_iterations),
                                                generator=self.cluster_generator_, centers=self.centers_)
             self.cluster_of_ = assignment.to(x.device)
