@@ -6,6 +6,8 @@ later (alone, in a batch, through the Dask pipeline) gives the codes of the trai
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -68,11 +70,13 @@ def test_finetuned_encoder_runs_unchanged_through_the_dask_pipeline(tuned, small
 
 def test_dpfah_puts_parameter_free_attention_after_the_stem(tuned):
     encoder = tuned["dpfah"]
-    assert encoder.stem_attention == "simam" and encoder.config["tuned_backbone"] == {"stem_attention": "simam"}
+    # the attention is part of the backbone spec, the one record of the network, in both modes
+    assert encoder.backbone_spec == BackboneSpec("efficientnet-lite0", 32, stem_attention="simam")
+    assert encoder.config["backbone"]["stem_attention"] == "simam" and "tuned_backbone" in encoder.config
     after_stem = encoder.backbone.net.after_stem
     assert isinstance(after_stem.module, SimAM)
     # the other methods fine-tune the plain backbone
-    assert tuned["uhga"].stem_attention is None
+    assert tuned["uhga"].backbone_spec.stem_attention is None and "stem_attention" not in tuned["uhga"].config["backbone"]
     assert isinstance(tuned["uhga"].backbone.net.after_stem, torch.nn.Identity)
 
 
@@ -82,12 +86,14 @@ def test_dpfah_on_resnet18_is_the_papers_network(tmp_path):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     spec = BackboneSpec("resnet18", 32, str(path))
-    net = load_backbone(spec, device="cpu", stem_attention="simam").net
+    net = load_backbone(replace(spec, stem_attention="simam"), device="cpu").net
     assert isinstance(net.maxpool[1].module, SimAM)  # X + SimAM(X) right after conv1/bn1/relu/maxpool
     plain = load_backbone(spec, device="cpu").net
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in plain.parameters())
     with pytest.raises(BackboneError, match="unknown stem attention"):
-        load_backbone(spec, device="cpu", stem_attention="cbam")
+        load_backbone(replace(spec, stem_attention="cbam"), device="cpu")
+    with pytest.raises(BackboneError, match="no place for an attention module"):
+        load_backbone(BackboneSpec("alexnet", 32, str(path), stem_attention="simam"), device="cpu")
 
 
 def test_nrdh_saves_stage_one_representations_with_the_encoder(tuned, small):
@@ -119,7 +125,8 @@ def test_lagnh_trains_on_user_tags_from_a_file(small, cache_dir, client, tmp_pat
     read = read_tags(str(path), list(small.ids))
     assert np.array_equal(read, tags)
     encoder = train_encoder(small, "lagnh", 16, backbone=SPEC, tags=read, client=client, params={"epochs": 2})
-    assert encoder.head.predict_tags is False
+    # encoding predicts the concepts with a classifier fitted to the user tags, as training's graph did
+    assert encoder.head.predict_tags and encoder.head.tag_rule == "sigmoid"
     # an image the file does not list is an error naming it
     path.write_text("".join(f"{i} {' '.join(map(str, t))}\n" for i, t in zip(small.ids[1:], tags[1:])))
     with pytest.raises(SourceError, match=f"no tags for 1 of 96 images, e.g. '{small.ids[0]}'"):

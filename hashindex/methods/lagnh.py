@@ -9,10 +9,21 @@ quantization ``‖sign(Z) − Z‖²``, reconstruction of the auxiliary graph ``
 an adversarial regulariser pulling rows of ``Z`` towards ``N(0, I)`` (discriminator
 ``k→64→32→1``; the GCN is the generator) and semantic guidance ``‖Y − Z P‖²``.
 
-Graphs are per training batch. A new image cannot join a training batch (its code must depend on
-it alone), so the encoder keeps a fixed set of training anchors: an image is connected to its ``m``
-nearest anchors under ``S`` and propagated through the two trained GCN layers, the anchors'
-own first-layer outputs having been computed the same way over their anchor neighbours.
+**One graph operator for training and encoding.** The paper propagates over the dense graph of a
+training batch, but a new image cannot join a batch (its code must depend on it alone). So both
+training and encoding connect an image to itself and its ``m`` nearest of a fixed, seeded set of
+training anchors under ``S``; the anchors' first-layer outputs come from the same rule over the
+anchor set (each anchor and its ``m`` nearest other anchors). During training the anchors' nodes
+are recomputed from the current weights at every step, with gradients; after training they are
+frozen into the encoder, so a training image encoded alone gets the code training gave it. The
+losses still compare the images of a batch with each other (``cos(Z, Z)`` against ``S^a``).
+
+**What the graph sees is what an encoder can compute from the image.** The concepts that feed
+attention and ``S`` are always predicted from the feature by the head's tagger (the backbone's
+ImageNet classifier, or, with user tags, a multi-label linear classifier fitted to them on the
+training features), from the network as it is at that step (finetune mode included). The training
+images' own auxiliary semantics (user tags, or the pretrained network's predictions) are the
+targets of the reconstruction and semantic losses only.
 """
 from __future__ import annotations
 
@@ -23,8 +34,10 @@ from torch import nn
 
 from ..encoder import register_head
 from .base import MethodError, register_method
-from .common import cosine_similarity, normalize_adjacency, sign
+from .common import cosine_similarity, sign
 from .deep import DeepHashMethod
+
+TAG_RULES = ("top", "sigmoid")
 
 
 def top_predictions(logits: torch.Tensor, top: int, floor: float) -> torch.Tensor:
@@ -39,6 +52,35 @@ def top_predictions(logits: torch.Tensor, top: int, floor: float) -> torch.Tenso
     return tags
 
 
+def sigmoid_predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Multi-hot ``[n, c]`` of a multi-label classifier: every tag with probability ≥ 0.5, and the most
+    probable one always."""
+    tags = (logits >= 0).to(torch.uint8)
+    tags.scatter_(1, logits.argmax(1, keepdim=True), 1)
+    return tags
+
+
+def fit_tagger(x: torch.Tensor, tags: torch.Tensor, *, seed: int, epochs: int = 300, lr: float = 0.01,
+               weight_decay: float = 1e-4) -> nn.Linear:
+    """A multi-label linear classifier feature → user tags (binary cross-entropy, full-batch Adam), so
+    that an image without tags gets the concepts training would have given it."""
+    torch.manual_seed(seed)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    linear = nn.Linear(x.shape[1], tags.shape[1]).to(x.device)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    target = tags.float()
+    z = (x - mean) / std
+    for _ in range(epochs):
+        optimizer.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(linear(z), target).backward()
+        optimizer.step()
+    with torch.no_grad():  # fold the standardisation into the layer
+        weight = linear.weight / std
+        linear.bias.sub_(weight @ mean)
+        linear.weight.copy_(weight)
+    return linear
+
+
 def semantic_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``S^a_ij = cos(y_i, y_j)`` of multi-hot tag vectors (in [0, 1])."""
     return cosine_similarity(a.double(), b.double())
@@ -49,37 +91,45 @@ def visual_similarity(a: torch.Tensor, b: torch.Tensor, sigma2: torch.Tensor | f
     return torch.exp(-torch.cdist(a, b).pow(2) / sigma2)
 
 
-def nearest_neighbour_graph(s: torch.Tensor, m: int) -> torch.Tensor:
-    """``S`` kept where ``j`` is among the ``m`` most similar other nodes of ``i`` or the reverse, and on
-    the diagonal; the rest zeroed (the sparsity an image sees at encoding time)."""
-    off = s.detach().clone()
-    off.fill_diagonal_(float("-inf"))
-    keep = torch.zeros_like(s, dtype=torch.bool)
-    keep.scatter_(1, off.topk(min(m, len(s) - 1), dim=1).indices, True)
-    keep = keep | keep.T | torch.eye(len(s), dtype=torch.bool, device=s.device)
-    return s * keep
+def mean_squared_distance(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``‖x_i − x_j‖²`` over pairs ``i ≠ j`` (σ² "auto")."""
+    n = len(x)
+    centred = x - x.mean(0)
+    # Σ_ij ‖x_i − x_j‖² = 2 n Σ_i ‖x_i − x̄‖², without the n × n matrix
+    return 2.0 * n * centred.pow(2).sum() / max(n * (n - 1), 1)
+
+
+def _scatter_rows(values: torch.Tensor, ids: torch.Tensor, columns: int) -> torch.Tensor:
+    """Sparse ``[n, columns]`` with ``values[i, j]`` at column ``ids[i, j]``: the rows of ``Â`` towards
+    the anchors (a sparse product beats gathering ``[n, m, hidden]`` blocks, above all backwards)."""
+    rows = torch.arange(len(values), device=values.device).repeat_interleave(values.shape[1])
+    return torch.sparse_coo_tensor(torch.stack([rows, ids.flatten()]), values.flatten(), (len(values), columns),
+                                   check_invariants=False)
 
 
 @register_head("lagnh")
 class LAGNHHead(nn.Module):
-    """Encoding-time LAGNH: attention, ``m``-nearest-anchor graph, two GCN layers, ``tanh``.
+    """LAGNH's network: attention, the ``m``-nearest-anchor graph, two GCN layers, ``tanh``.
 
-    The learned weights and the anchors (attentive features, tags, degrees and first-layer outputs
-    of the training anchors) are buffers/parameters, so the encoder file holds them; ``kwargs`` are
-    sizes and scalars only. With ``predict_tags`` the head derives an image's concepts from its
-    feature with a stored classifier (the backbone's ImageNet layer); without it (the method was
-    trained on user tags, which a new image does not have) an image uses no concepts: plain
-    projection for attention and visual similarity only for its edges to the anchors.
+    Training and encoding call the same :meth:`propagate`; encoding reads the anchors' attentive
+    features, tags, degrees and first-layer outputs from buffers fixed after training, so the encoder
+    file holds them (``kwargs`` are sizes and scalars only). The concepts of an image come from its
+    feature through the stored ``tagger``: ``tag_rule`` "top" (an ImageNet classifier: top ``top``
+    above ``floor``) or "sigmoid" (a classifier fitted to user tags). Encoders of older versions,
+    saved with ``predict_tags`` False, use no concepts at encoding.
     """
 
     def __init__(self, in_dim: int, bits: int, concepts: int, embed_dim: int, hidden: int, anchors: int,
-                 neighbours: int, fusion: float, predict_tags: bool, top: int = 5, floor: float = 0.0):
+                 neighbours: int, fusion: float, predict_tags: bool = True, top: int = 5, floor: float = 0.0,
+                 tag_rule: str = "top"):
         super().__init__()
+        if tag_rule not in TAG_RULES:
+            raise MethodError(f"lagnh: unknown tag_rule {tag_rule!r}; use one of {', '.join(TAG_RULES)}")
         self.kwargs = {"in_dim": in_dim, "bits": bits, "concepts": concepts, "embed_dim": embed_dim,
                        "hidden": hidden, "anchors": anchors, "neighbours": neighbours, "fusion": float(fusion),
-                       "predict_tags": bool(predict_tags), "top": top, "floor": float(floor)}
+                       "predict_tags": bool(predict_tags), "top": top, "floor": float(floor), "tag_rule": tag_rule}
         self.neighbours, self.fusion, self.predict_tags = int(neighbours), float(fusion), bool(predict_tags)
-        self.top, self.floor = int(top), float(floor)
+        self.top, self.floor, self.tag_rule = int(top), float(floor), tag_rule
         self.project = nn.Linear(in_dim, embed_dim)                      # W_x
         self.concept_embedding = nn.Parameter(torch.zeros(concepts, embed_dim))  # t_j = W_t e_j
         self.gcn1 = nn.Linear(embed_dim, hidden, bias=False)              # W1
@@ -94,11 +144,15 @@ class LAGNHHead(nn.Module):
         self.register_buffer("anchor_degree", torch.ones(anchors, dtype=torch.float64))
         self.register_buffer("anchor_hidden", torch.zeros(anchors, hidden, dtype=torch.float64))
 
-    # -- pieces shared by training and encoding ------------------------------------------------
+    # -- the model ---------------------------------------------------------------------------
+    @torch.no_grad()
     def tags(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The concepts an image's feature predicts (None for an encoder saved without a tagger)."""
         if not self.predict_tags:
             return None
         logits = F.linear(x.double(), self.tagger.weight.double(), self.tagger.bias.double())
+        if self.tag_rule == "sigmoid":
+            return sigmoid_predictions(logits)
         return top_predictions(logits, self.top, self.floor)
 
     def attend(self, x: torch.Tensor, tags: torch.Tensor | None) -> torch.Tensor:
@@ -106,60 +160,71 @@ class LAGNHHead(nn.Module):
         projected = F.linear(x, self.project.weight.to(x.dtype), self.project.bias.to(x.dtype))
         if tags is None:
             return projected
-        concepts = self.concept_embedding.to(x.dtype)
-        cos = cosine_similarity(projected, concepts)
-        attention = torch.softmax(cos.masked_fill(tags == 0, float("-inf")), dim=1)
-        return projected + attention @ concepts
+        weights, used = self._attention(projected, tags)
+        return projected + weights @ self.concept_embedding[used].to(x.dtype)
 
-    def similarity(self, xa: torch.Tensor, tags_a, xb: torch.Tensor, tags_b) -> torch.Tensor:
-        """The augmented graph ``S = η S^v + (1 − η) S^a`` between two sets of nodes."""
-        visual = visual_similarity(xa, xb, self.sigma2.to(xa.dtype))
-        if tags_a is None or tags_b is None:
-            return visual
-        return self.fusion * visual + (1.0 - self.fusion) * semantic_similarity(tags_a, tags_b).to(xa.dtype)
+    def _attention(self, projected: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # only the concepts some image here has: the others have weight 0 in every row anyway
+        used = tags.any(0).nonzero().squeeze(1)
+        cos = cosine_similarity(projected, self.concept_embedding[used].to(projected.dtype))
+        return torch.softmax(cos.masked_fill(tags[:, used] == 0, float("-inf")), dim=1), used
 
-    def propagate_batch(self, xt: torch.Tensor, graph: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 6–7 over a whole training batch: ``H = ReLU(Â X̃ W1)``, ``Z = tanh(Â H W2)``."""
-        a_hat = normalize_adjacency(graph)
-        hidden = torch.relu(a_hat @ self.gcn1(self.dropout(xt)))
-        return hidden, torch.tanh(a_hat @ self.gcn2(self.dropout(hidden)))
+    def attention(self, x: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        """``A [n, c]`` of features ``x``: softmax of ``cos(x̂_i, t_j)`` over image i's concepts, 0 elsewhere."""
+        projected = F.linear(x, self.project.weight.to(x.dtype), self.project.bias.to(x.dtype))
+        weights, used = self._attention(projected, tags)
+        return torch.zeros(len(x), len(tags[0]), dtype=weights.dtype, device=x.device).index_copy(1, used, weights)
 
-    # -- encoding --------------------------------------------------------------------------------
-    def _local_graph(self, s_to_anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each node's ``m`` nearest anchors and the weights of its row of ``D^{-1/2}(S + I)D^{-1/2}``
-        restricted to itself and them: returns (anchor ids, self weight, anchor weights)."""
-        m = min(self.neighbours, s_to_anchors.shape[1])
-        s, ids = s_to_anchors.topk(m, dim=1)
-        degree = 2.0 + s.sum(1)  # S_ii = 1 plus the self loop
-        self_weight = 2.0 / degree
-        anchor_weight = s / torch.sqrt(degree[:, None] * self.anchor_degree[ids])
-        return ids, self_weight, anchor_weight
+    def nearest(self, xa: torch.Tensor, tags_a, xb: torch.Tensor, tags_b, sigma2,
+                exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each node of ``a``'s ``m`` nearest nodes of ``b`` under the augmented graph
+        ``S = η S^v + (1 − η) S^a``: (their ``S`` values ``[n, m]``, their ids). The choice is made
+        without gradients; the values carry them (only ``S^v`` depends on the weights)."""
+        m = min(self.neighbours, len(xb) - int(exclude_self))
+        with torch.no_grad():
+            s = visual_similarity(xa, xb, sigma2)
+            semantic = None
+            if tags_a is not None and tags_b is not None:
+                semantic = semantic_similarity(tags_a, tags_b).to(xa.dtype)
+                s = self.fusion * s + (1.0 - self.fusion) * semantic
+            if exclude_self:
+                s.fill_diagonal_(float("-inf"))
+            ids = s.topk(m, dim=1).indices
+        values = torch.exp(-(xa[:, None, :] - xb[ids]).pow(2).sum(2) / sigma2)
+        if semantic is not None:
+            values = self.fusion * values + (1.0 - self.fusion) * semantic.gather(1, ids)
+        return values, ids
 
-    def anchor_graph(self, s_anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Degrees and first-layer outputs of the anchors, each over its ``m`` nearest other anchors."""
-        s = s_anchors.clone()
-        s.fill_diagonal_(float("-inf"))
-        m = min(self.neighbours, len(s) - 1)
-        values, ids = s.topk(m, dim=1)
-        degree = 2.0 + values.sum(1)
-        weights = values / torch.sqrt(degree[:, None] * degree[ids])
-        xw = self.anchor_features @ self.gcn1.weight.double().T
-        hidden = torch.relu((2.0 / degree)[:, None] * xw + (weights[:, :, None] * xw[ids]).sum(1))
-        return degree, hidden
+    def anchor_nodes(self, anchor_xt: torch.Tensor, anchor_tags, sigma2) -> tuple[torch.Tensor, ...]:
+        """The anchors' degrees, ``X̃ W1`` and first-layer outputs ``H = ReLU(Â X̃ W1)``, ``Â`` the rows
+        of ``D^{-1/2}(S + I)D^{-1/2}`` over each anchor and its ``m`` nearest other anchors."""
+        values, ids = self.nearest(anchor_xt, anchor_tags, anchor_xt, anchor_tags, sigma2, exclude_self=True)
+        degree = 2.0 + values.sum(1)  # S_ii = 1 plus the self loop
+        a_hat = _scatter_rows(values / torch.sqrt(degree[:, None] * degree[ids]), ids, len(anchor_xt))
+        xw = F.linear(self.dropout(anchor_xt), self.gcn1.weight.to(anchor_xt.dtype))
+        hidden = torch.relu((2.0 / degree)[:, None] * xw + torch.sparse.mm(a_hat, xw))
+        return degree, xw, hidden
+
+    def propagate(self, xt: torch.Tensor, tags, anchor_xt: torch.Tensor, anchor_tags, anchor_degree: torch.Tensor,
+                  anchor_xw: torch.Tensor, anchor_hidden: torch.Tensor, sigma2) -> torch.Tensor:
+        """Eq. 6–7 for nodes joined to themselves and their ``m`` nearest anchors: ``Z = tanh(Â H W2)``."""
+        s, ids = self.nearest(xt, tags, anchor_xt, anchor_tags, sigma2)
+        degree = 2.0 + s.sum(1)
+        self_weight = (2.0 / degree)[:, None]
+        a_hat = _scatter_rows(s / torch.sqrt(degree[:, None] * anchor_degree[ids]), ids, len(anchor_xt))
+        w1, w2 = self.gcn1.weight.to(xt.dtype), self.gcn2.weight.to(xt.dtype)
+        hidden = torch.relu(self_weight * F.linear(self.dropout(xt), w1) + torch.sparse.mm(a_hat, anchor_xw))
+        mixed = self_weight * self.dropout(hidden) + torch.sparse.mm(a_hat, self.dropout(anchor_hidden))
+        return torch.tanh(F.linear(mixed, w2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float64 so that an image's neighbours and bits do not depend on the batch around it
         x = x.double()
         tags = self.tags(x)
-        xt = self.attend(x, tags)
-        ids, self_weight, anchor_weight = self._local_graph(
-            self.similarity(xt, tags, self.anchor_features, self.anchor_tags if tags is not None else None))
-        w1, w2 = self.gcn1.weight.double(), self.gcn2.weight.double()
-        anchor_xw = self.anchor_features @ w1.T  # once for all anchors, then gathered per neighbour
-        hidden = torch.relu(self_weight[:, None] * (xt @ w1.T)
-                            + (anchor_weight[:, :, None] * anchor_xw[ids]).sum(1))
-        mixed = self_weight[:, None] * hidden + (anchor_weight[:, :, None] * self.anchor_hidden[ids]).sum(1)
-        return torch.tanh(mixed @ w2.T)
+        anchor_xw = self.anchor_features @ self.gcn1.weight.double().T
+        return self.propagate(self.attend(x, tags), tags, self.anchor_features,
+                              self.anchor_tags if tags is not None else None, self.anchor_degree, anchor_xw,
+                              self.anchor_hidden, self.sigma2)
 
 
 class Discriminator(nn.Module):
@@ -188,22 +253,19 @@ class LAGNH(DeepHashMethod):
         ``η`` of ``S = η S^v + (1 − η) S^a``; 0 = the semantic graph only (the authors' code feeds the
         GCN one graph only), 1 = the visual graph only.
     sigma2 : float or "auto"
-        ``σ²`` of ``S^v``; "auto" = the mean squared distance between attentive features of a
-        training batch (tracked over the last epoch, stored in the encoder).
+        ``σ²`` of ``S^v``; "auto" = the mean squared distance between the anchors' attentive features
+        (re-estimated at every step, the final value stored in the encoder).
     gamma : float
         Scale ``γ`` of the auxiliary graph that ``cos(Z, Z)`` reconstructs.
     embed_dim, hidden : int
         Width of the attentive features (512) and of the GCN hidden layer (1024).
-    train_neighbours : int
-        0 (the paper): the GCN propagates over the dense batch graph. ``m > 0``: over the batch graph
-        cut to each node's ``m`` nearest neighbours (symmetrised), as a new image is at encoding time.
     critic_every : int
         One discriminator step per this many generator steps (the authors' code: 5).
     disc_lr : float
         Adam learning rate of the discriminator.
     anchors, neighbours : int
-        Training anchors kept for encoding (a seeded random subset) and ``m``, the anchors a new
-        image is connected to.
+        The training anchors of the graph (a seeded random subset of the training images) and ``m``,
+        the anchors each image is joined to, in training and at encoding alike.
 
     Loss weights: ``reconstruction`` (1), ``quantization`` (λ1), ``adversarial`` (λ2), ``semantic`` (λ3).
     """
@@ -222,7 +284,7 @@ class LAGNH(DeepHashMethod):
         return super().fit(features, labels, **mode)
 
     # -- setup ---------------------------------------------------------------------------------
-    def _tagger(self, in_dim: int) -> nn.Linear:
+    def _imagenet_tagger(self, in_dim: int) -> nn.Linear:
         from ..backbones import create_backbone
         classifier = create_backbone(self.tag_backbone, device="cpu").classifier
         if not isinstance(classifier, nn.Linear) or classifier.in_features != in_dim:
@@ -233,66 +295,71 @@ class LAGNH(DeepHashMethod):
     def build(self, x, y):
         n, d = x.shape
         user = self.user_tags_
-        concepts = user.shape[1] if user is not None else None
-        tagger = None
         if user is None:
-            tagger = self._tagger(d)
-            concepts = tagger.out_features
+            tagger, rule = self._imagenet_tagger(d).to(x.device), "top"
+        else:
+            user = torch.from_numpy((user > 0).astype(np.uint8)).to(x.device)
+            tagger, rule = fit_tagger(x, user, seed=self.seed), "sigmoid"
+        concepts = tagger.out_features
         head = LAGNHHead(d, self.bits, concepts, int(self.embed_dim), int(self.hidden), min(int(self.anchors), n),
-                         int(self.neighbours), float(self.fusion), predict_tags=user is None,
-                         top=int(self.tag_top), floor=float(self.tag_floor))
+                         int(self.neighbours), float(self.fusion), top=int(self.tag_top),
+                         floor=float(self.tag_floor), tag_rule=rule)
         nn.init.normal_(head.concept_embedding, std=1.0 / np.sqrt(int(self.embed_dim)))
         head = head.to(x.device)
-        if tagger is not None:
-            head.tagger.load_state_dict(tagger.state_dict())
-            with torch.no_grad():
-                self.tags_ = torch.cat([head.tags(x[i:i + 4096]) for i in range(0, n, 4096)])
-        else:
-            self.tags_ = torch.from_numpy((user > 0).astype(np.uint8)).to(x.device)
+        head.tagger.load_state_dict(tagger.state_dict())
+        # the training images' auxiliary semantics: targets of L_r and L_s
+        self.tags_ = user if user is not None else torch.cat([head.tags(x[i:i + 4096]) for i in range(0, n, 4096)])
+        count = head.anchor_features.shape[0]
+        self.anchor_rows_ = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 2))[:count].sort().values
         self.semantic_map_ = nn.Linear(self.bits, concepts, bias=False).to(x.device)  # P of Eq. 11
         self.discriminator_ = Discriminator(self.bits).to(x.device)
         self.disc_optimizer_ = torch.optim.Adam(self.discriminator_.parameters(), lr=float(self.disc_lr))
         self.steps_ = 0
-        self.sigma2_sum_, self.sigma2_count_ = 0.0, 0
         return head
 
     def parameters_to_train(self):
         return [p for p in [*self.head_.parameters(), *self.semantic_map_.parameters()] if p.requires_grad]
 
+    @torch.no_grad()
+    def _features_of(self, rows: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Features of training rows from the network as it is now (the cached ones in head mode)."""
+        if not self.finetuning:
+            return self.reference_[rows.to(self.reference_.device)]
+        return torch.cat([self.batch_features(rows[i:i + batch]) for i in range(0, len(rows), batch)])
+
     def on_epoch_start(self, epoch, x, y):
-        self.sigma2_sum_, self.sigma2_count_ = 0.0, 0
+        # finetune mode: the anchors follow the backbone once an epoch (without gradients through it)
+        if epoch == 0 or self.finetuning:
+            self.anchor_x_ = self._features_of(self.anchor_rows_)
+            self.anchor_concepts_ = self.head_.tags(self.anchor_x_)
 
     def _sigma2(self, xt: torch.Tensor) -> torch.Tensor:
         if self.sigma2 != "auto":
-            return torch.tensor(float(self.sigma2), device=xt.device)
-        with torch.no_grad():
-            sq = torch.cdist(xt, xt).pow(2)
-            value = sq.sum() / max(len(xt) * (len(xt) - 1), 1)
-        self.sigma2_sum_ += float(value)
-        self.sigma2_count_ += 1
-        return value.clamp_min(1e-12)
+            return torch.tensor(float(self.sigma2), dtype=xt.dtype, device=xt.device)
+        return mean_squared_distance(xt.detach()).clamp_min(1e-12)
 
     # -- training ------------------------------------------------------------------------------
-    def _forward(self, idx, x):
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Z`` of a batch through the operator encoding uses, the anchors' nodes from the current weights."""
         head = self.head_
-        tags = self.tags_[idx]
-        xt = head.attend(x, tags)
-        semantic = semantic_similarity(tags, tags).float()
-        graph = float(self.fusion) * visual_similarity(xt, xt, self._sigma2(xt)) + (1.0 - float(self.fusion)) * semantic
-        if int(self.train_neighbours) > 0:
-            graph = nearest_neighbour_graph(graph, int(self.train_neighbours))
-        _, z = head.propagate_batch(xt, graph)
-        return z, tags, semantic
+        concepts = head.tags(x.detach())  # what an encoder predicts from the image
+        anchor_xt = head.attend(self.anchor_x_, self.anchor_concepts_)
+        sigma2 = self._sigma2(anchor_xt)
+        degree, anchor_xw, anchor_hidden = head.anchor_nodes(anchor_xt, self.anchor_concepts_, sigma2)
+        return head.propagate(head.attend(x, concepts), concepts, anchor_xt, self.anchor_concepts_, degree,
+                              anchor_xw, anchor_hidden, sigma2)
 
     def loss_terms(self, idx, x, y):
-        z, tags, semantic = self._forward(idx, x)
+        z = self._forward(x)
+        targets = self.tags_[idx]
+        semantic = semantic_similarity(targets, targets).float()
         fake = self.discriminator_(z)
         self.batch_codes_ = z  # the discriminator's fake samples of this step
         return {
             "reconstruction": ((cosine_similarity(z) - float(self.gamma) * semantic) ** 2).mean(),
             "quantization": ((sign(z).detach() - z) ** 2).mean(),
             "adversarial": F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake)),
-            "semantic": ((tags.float() - self.semantic_map_(z)) ** 2).mean(),
+            "semantic": ((targets.float() - self.semantic_map_(z)) ** 2).mean(),
         }
 
     def train_step(self, idx, x, y):
@@ -319,27 +386,28 @@ class LAGNH(DeepHashMethod):
         self.noise_ = torch.Generator().manual_seed(self.seed + 1)
         head = super()._fit(features, None)
         self.__dict__.pop("batch_codes_", None)
-        if self.sigma2 == "auto" and self.sigma2_count_:
-            head.sigma2.fill_(self.sigma2_sum_ / self.sigma2_count_)
-        elif self.sigma2 != "auto":
-            head.sigma2.fill_(float(self.sigma2))
-        # the anchors' features come from the final network, as a new image's will
-        self._fix_anchors(head, self.current_features().cpu(), self.tags_.cpu())
+        self._fix_anchors(head)
         self.tags_ = self.tags_.cpu()
         return head
 
     @torch.no_grad()
-    def _fix_anchors(self, head: LAGNHHead, x: torch.Tensor, tags: torch.Tensor) -> None:
-        """Choose the anchors (seeded) and store what encoding needs of them in the head's buffers."""
-        count = head.anchor_features.shape[0]
-        rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed + 2))[:count].sort().values
-        self.anchor_rows_ = rows.numpy()
-        anchor_tags = tags[rows] if head.predict_tags else None
-        anchor_features = head.attend(x[rows].double(), anchor_tags)
-        head.anchor_features.copy_(anchor_features)
-        if anchor_tags is not None:
-            head.anchor_tags.copy_(anchor_tags)
-        # with user tags the anchors' edges are visual only, as a new image's (it has no tags)
-        degree, hidden = head.anchor_graph(head.similarity(anchor_features, anchor_tags, anchor_features, anchor_tags))
+    def _fix_anchors(self, head: LAGNHHead) -> None:
+        """Store the anchors' nodes, from the final network, in the head's buffers."""
+        x = self._features_of(self.anchor_rows_).cpu().double()
+        concepts = head.tags(x)
+        anchor_xt = head.attend(x, concepts)
+        head.sigma2.copy_(self._sigma2(anchor_xt))
+        degree, _, hidden = head.anchor_nodes(anchor_xt, concepts, head.sigma2)
+        head.anchor_features.copy_(anchor_xt)
+        head.anchor_tags.copy_(concepts)
         head.anchor_degree.copy_(degree)
         head.anchor_hidden.copy_(hidden)
+        self.anchor_x_, self.anchor_concepts_ = x.float(), concepts
+
+    @torch.no_grad()
+    def training_codes(self, batch: int = 1024) -> torch.Tensor:
+        """``Z`` of every training image as the training graph computes it with the final weights
+        (no dropout): what encoding a training image alone must reproduce."""
+        head = self.head_.eval()
+        x = self._features_of(torch.arange(len(self.reference_))).cpu()
+        return torch.cat([self._forward(x[i:i + batch]) for i in range(0, len(x), batch)])
