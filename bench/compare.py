@@ -9,12 +9,21 @@ images through the Dask pipeline into a Zarr index (a fresh 2-worker LocalCluste
 its workers' peak memory is that method's). Nothing is tuned on the queries; every method sees the
 same features, split and seed.
 
-    python bench/compare.py                       # the full run: 7 methods × 16/32/64/128 bits, ≈ 50 min here
+    python bench/compare.py                       # the full run: 7 methods × 16/32/64/128 bits
     python bench/compare.py --quick               # 32 bits, 2 epochs, end to end on 4,096 images: < 5 min
     python bench/compare.py --methods lsh itq --bits 32 --no-e2e
+    python bench/compare.py --methods lagnh --bits 32 --params '{"fusion": 0}' --label eta=0 --no-e2e
+    python bench/compare.py --methods uhga dpfah nrdh ucsh --bits 32 --mode finetune
 
-Epochs: each method's paper profile, capped by ``BENCH_EPOCHS`` so that the full run fits in an hour
-on 2 cores (the caps are recorded with every result).
+Epochs: each method's profile runs its own schedule (the paper's) at ``--full-bits`` (32); at the other
+lengths ``BENCH_EPOCHS`` caps the slow ones so that the full run fits in about an hour on 2 cores, and
+those rows say ``capped``. Finetune mode (the backbone trains end to end on the 5,000 images, 64 px)
+runs ``FINETUNE_EPOCHS``, a CPU budget, not the papers' schedules; its database and queries are
+encoded from their images (the finetuned network), the database through the Dask pipeline.
+
+Each run merges its rows into ``results/compare_{px}px.json`` (a row with the same method, bits,
+profile, mode and label is replaced), so one row can be re-measured alone; every row records the
+commit that measured it, and the markdown table and plots are rewritten from all rows.
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ from machine import machine_info  # noqa: E402
 
 import hashindex  # noqa: E402
 from hashindex.backbones import BackboneSpec  # noqa: E402
-from hashindex.build import FeatureSet  # noqa: E402
+from hashindex.build import MODES, FeatureSet, method_backbone  # noqa: E402
 from hashindex.methods import METHODS  # noqa: E402
 from hashindex.methods.deep import DeepHashMethod  # noqa: E402
 from hashindex.pipeline import dask_client  # noqa: E402
@@ -46,6 +55,8 @@ ORDER = ["lsh", "itq", "uhga", "dpfah", "nrdh", "lagnh", "ucsh"]
 # Epoch caps of the full run (None: the profile's own). UHGA's attention step costs ~11 s an epoch at
 # 32 bits and grows with the bits; LAGNH's paper runs 300 epochs; UCSH's paper batch of 24 is slow.
 BENCH_EPOCHS = {"uhga": 5, "lagnh": 60, "ucsh": 15}
+# Finetune mode's CPU budget: epochs over the 5,000 training images with the backbone training.
+FINETUNE_EPOCHS = 3
 QUICK_EPOCHS = 2
 QUICK_E2E_IMAGES = 4096
 
@@ -89,20 +100,28 @@ def _worker_peak_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def method_params(method: str, args) -> dict:
+def method_params(method: str, bits: int, args) -> tuple[dict, bool]:
+    """The parameters of one row, and whether its epochs are capped below the profile's schedule."""
     if not issubclass(METHODS[method], DeepHashMethod):
-        return {}
+        return {}, False
     params = {"profile": args.profile} if args.profile else {}
-    epochs = args.epochs or (QUICK_EPOCHS if args.quick else BENCH_EPOCHS.get(method))
-    if epochs:
-        params["epochs"] = epochs
-        if method == "nrdh" and args.quick:
-            params["node_epochs"] = epochs
-    return params
+    params.update(json.loads(args.params) if args.params else {})
+    capped = False
+    if args.epochs or args.quick:
+        params["epochs"] = args.epochs or QUICK_EPOCHS
+    elif args.mode == "finetune":
+        params["epochs"] = FINETUNE_EPOCHS
+    elif bits not in args.full_bits and method in BENCH_EPOCHS:
+        schedule = METHODS[method](bits, **params).epochs
+        params["epochs"] = min(BENCH_EPOCHS[method], schedule)
+        capped = params["epochs"] < schedule
+    if method == "nrdh" and args.quick:
+        params["node_epochs"] = params["epochs"]
+    return params, capped
 
 
-def end_to_end(source, encoder, from_features: np.ndarray, workers: int) -> dict:
-    """Encode ``source`` from its images through Dask into a Zarr index; time, rate, worker memory."""
+def end_to_end(source, encoder, workers: int) -> tuple[dict, np.ndarray]:
+    """Encode ``source`` from its images through Dask into a Zarr index: (time, rate, worker memory), codes."""
     folder = tempfile.mkdtemp(prefix="hashindex-bench-")
     try:
         with dask_client(n_workers=workers) as client:
@@ -110,13 +129,21 @@ def end_to_end(source, encoder, from_features: np.ndarray, workers: int) -> dict
             index = hashindex.encode(source, encoder, os.path.join(folder, "db.index"), client=client)
             seconds = time.perf_counter() - started
             peaks = client.run(_worker_peak_mb)
-        same = float((index.codes == from_features).all(axis=1).mean())
         return {"images": len(source), "workers": workers, "seconds": round(seconds, 2),
                 "images_per_second": round(len(source) / seconds, 1),
-                "worker_peak_rss_mb": round(max(peaks.values()), 1),
-                "codes_identical_to_from_features": round(same, 4)}
+                "worker_peak_rss_mb": round(max(peaks.values()), 1)}, np.asarray(index.codes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def row_key(r: dict) -> tuple:
+    return (r["method"], r["bits"], r.get("profile"), r.get("mode", "head"), r.get("label", ""))
+
+
+def row_name(r: dict) -> str:
+    """The method with what sets its row apart: ``uhga (finetune)``, ``lagnh (eta=0)``."""
+    extra = [x for x in (r.get("mode") if r.get("mode", "head") != "head" else "", r.get("label", "")) if x]
+    return r["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def main(argv=None) -> int:
@@ -125,9 +152,15 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--profile", help="profile of the deep methods (default: each method's own default, the paper's)")
-    parser.add_argument("--epochs", type=int, help="epochs of every deep method (default: BENCH_EPOCHS caps)")
+    parser.add_argument("--mode", choices=MODES, default="head",
+                        help=f"head (default) or finetune (the backbone trains too; {FINETUNE_EPOCHS} epochs)")
+    parser.add_argument("--params", help="JSON of parameters for the deep methods, e.g. '{\"fusion\": 0}'")
+    parser.add_argument("--label", default="", help="names the variant in the results (with --params)")
+    parser.add_argument("--epochs", type=int, help="epochs of every deep method (default: the profiles' own)")
+    parser.add_argument("--full-bits", type=int, nargs="+", default=[32],
+                        help="lengths at which the profiles' full schedules run (default: 32; else BENCH_EPOCHS caps)")
     parser.add_argument("--e2e-bits", type=int, default=32, help="bits at which to encode end to end (default: 32)")
-    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end encoding")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end encoding (head mode)")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers for the end-to-end encoding")
     parser.add_argument("--quick", action="store_true",
                         help=f"32 bits, {QUICK_EPOCHS} epochs, end to end on {QUICK_E2E_IMAGES:,} database images")
@@ -135,79 +168,129 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.bits = [32]
+    if args.params and not args.label:
+        parser.error("--params needs a --label naming the variant")
     methods = args.methods or sorted(METHODS, key=lambda m: (ORDER + [m]).index(m))
+    if args.mode == "finetune":
+        methods = [m for m in methods if METHODS[m].can_finetune]
     wall = time.perf_counter()
 
     source = hashindex.open_source("fashion-mnist")
     queries, train, database = hashindex.protocol_split(source, seed=0)
     spec = BackboneSpec("efficientnet-lite0", args.image_size)
-    cache = hashindex.cached_features(source, spec)
-    features, labels = cache.features, source.labels
-    print(f"features {features.shape} float16 ({'computed in %.0f s' % cache.seconds if cache.seconds else 'cached'})"
-          f"; {len(queries)} queries, {len(train)} training, {len(database)} database images", flush=True)
-    train_set = FeatureSet(features[train], cache.valid[train], source.ids[train], labels[train], cache.location, 0.0)
+    caches: dict = {}
+
+    def features_of(method_spec):
+        if method_spec not in caches:
+            cache = hashindex.cached_features(source, method_spec)
+            print(f"features {cache.features.shape} of {method_spec} "
+                  f"({'computed in %.0f s' % cache.seconds if cache.seconds else 'cached'})", flush=True)
+            caches[method_spec] = cache
+        return caches[method_spec]
+
+    labels = source.labels
+    print(f"{len(queries)} queries, {len(train)} training, {len(database)} database images", flush=True)
     e2e_rows = database[:QUICK_E2E_IMAGES] if args.quick else database
+    commit = machine_info()["git_commit"]
 
     results = []
     for bits in args.bits:
         for method in methods:
-            params = method_params(method, args)
+            params, capped = method_params(method, bits, args)
+            method_spec = method_backbone(method, spec, params)
+            cache = features_of(method_spec)
+            features = cache.features
+            train_set = FeatureSet(features[train], cache.valid[train], source.ids[train], labels[train],
+                                   cache.location, 0.0, method_spec)
             with PeakRSS() as memory:
                 encoder = hashindex.train_encoder(source.subset(train), method, bits, backbone=spec,
-                                                  features=train_set, params=params)
-            started = time.perf_counter()
-            db_codes = encoder.encode_features(features[database])
-            encode_seconds = time.perf_counter() - started
-            q_codes = encoder.encode_features(features[queries])
+                                                  features=train_set, params=params, mode=args.mode)
+            e2e = None
+            if args.mode == "finetune":
+                # the finetuned network's codes exist only from images: the database through Dask
+                e2e, db_codes = end_to_end(source.subset(database), encoder, args.workers)
+                encode_seconds = None
+                q_codes = encoder.encode_pixels(source.read(queries).pixels)
+            else:
+                started = time.perf_counter()
+                db_codes = encoder.encode_features(features[database])
+                encode_seconds = round(time.perf_counter() - started, 3)
+                q_codes = encoder.encode_features(features[queries])
+                if bits == args.e2e_bits and not args.no_e2e:
+                    e2e, codes = end_to_end(source.subset(e2e_rows), encoder, args.workers)
+                    e2e["codes_identical_to_from_features"] = round(float(
+                        (codes == db_codes[np.searchsorted(database, e2e_rows)]).all(axis=1).mean()), 4)
             scores = hashindex.metrics.evaluate(q_codes, db_codes, labels[queries], labels[database],
                                                 topks=(None, 1000))
             used = encoder.training["params"]
-            row = {"method": method, "bits": bits, "profile": used.get("profile"), "epochs": used.get("epochs"),
+            row = {"method": method, "bits": bits, "profile": used.get("profile"), "mode": args.mode,
+                   "label": args.label, "epochs": used.get("epochs"), "capped": capped,
                    "map@all": scores["map@all"], "map@1000": scores["map@1000"],
                    "precision@r2": scores["precision@r2"], "train_seconds": encoder.training["fit_seconds"],
                    "train_peak_rss_added_mb": memory.added,
-                   "encode_seconds_69k_from_features": round(encode_seconds, 3),
+                   "encode_seconds_69k_from_features": encode_seconds,
                    "precision@n": scores["precision@n"],
-                   "pr": {k: np.asarray(v).tolist() for k, v in scores["pr"].items()}, "params": used}
-            if bits == args.e2e_bits and not args.no_e2e:
-                position = np.searchsorted(database, e2e_rows)
-                row["end_to_end"] = end_to_end(source.subset(e2e_rows), encoder, db_codes[position], args.workers)
+                   "pr": {k: np.asarray(v).tolist() for k, v in scores["pr"].items()}, "params": used,
+                   "backbone": method_spec.to_dict(), "commit": commit}
+            if e2e:
+                row["end_to_end"] = e2e
             results.append(row)
-            e2e = row.get("end_to_end")
-            print(f"{method:>6} {bits:>3} bits  mAP@all {row['map@all']:.4f}  mAP@1000 {row['map@1000']:.4f}  "
-                  f"P@r2 {row['precision@r2']:.4f}  train {row['train_seconds']:.1f} s (+{memory.added:.0f} MB)  "
-                  f"encode {encode_seconds:.2f} s" + (f"  end to end {e2e['seconds']:.0f} s" if e2e else ""),
-                  flush=True)
+            print(f"{row_name(row):>20} {bits:>3} bits  mAP@all {row['map@all']:.4f}  mAP@1000 {row['map@1000']:.4f}  "
+                  f"P@r2 {row['precision@r2']:.4f}  train {row['train_seconds']:.1f} s (+{memory.added:.0f} MB)"
+                  + (f"  encode {encode_seconds:.2f} s" if encode_seconds is not None else "")
+                  + (f"  end to end {e2e['seconds']:.0f} s" if e2e else ""), flush=True)
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"compare_{args.image_size}px" + ("_quick" if args.quick else ""))
-    record = {"command": "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "protocol": "fashion-mnist, seed 0: 1000 queries (test split), 5000 training (train split), "
-                          "69000 database", "mode": "head", "backbone": spec.to_dict(), "image_size": args.image_size,
-              "epoch_caps": {} if args.quick or args.epochs else BENCH_EPOCHS, "machine": machine_info(),
-              "wall_seconds": round(time.perf_counter() - wall, 1), "results": results}
+    command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = {"commands": [], "results": []}
+    if os.path.exists(stem + ".json") and not args.quick:
+        with open(stem + ".json") as f:
+            record = json.load(f)
+        record.setdefault("commands", [record.pop("command")] if "command" in record else [])
+        for r in record["results"]:  # rows of a file written before rows carried these
+            r.setdefault("commit", record.get("machine", {}).get("git_commit"))
+            r.setdefault("capped", r["epochs"] == record.get("epoch_caps", {}).get(r["method"], -1))
+    new_keys = {row_key(r) for r in results}
+    kept = [r for r in record["results"] if row_key(r) not in new_keys]
+    order = {m: i for i, m in enumerate(ORDER)}
+    merged = sorted(kept + results, key=lambda r: (r.get("mode", "head") != "head", r["bits"],
+                                                   order.get(r["method"], 99), r.get("label", "")))
+    record.update({"commands": record["commands"] + [command],
+                   "protocol": "fashion-mnist, seed 0: 1000 queries (test split), 5000 training (train split), "
+                               "69000 database", "backbone": spec.to_dict(), "image_size": args.image_size,
+                   "epoch_caps": BENCH_EPOCHS, "finetune_epochs": FINETUNE_EPOCHS, "machine": machine_info(),
+                   "wall_seconds_last_run": round(time.perf_counter() - wall, 1), "results": merged})
+    record.pop("mode", None)
+    record.pop("wall_seconds", None)
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
-    table = markdown_table(results)
+    table = markdown_table(merged)
     with open(stem + ".md", "w") as f:
-        f.write(f"{record['command']} — {record['machine']['cpu']}, {record['machine']['cores']} cores, "
-                f"{args.image_size} px, commit {record['machine']['git_commit'][:12]}\n\n" + table)
-    plots(results, stem, args)
-    print(table + f"\nwritten: {stem}.json, .md and PNG plots ({record['wall_seconds'] / 60:.1f} min)")
+        f.write(f"python bench/compare.py runs on {record['machine']['cpu']}, {record['machine']['cores']} cores, "
+                f"{args.image_size} px (commands in the JSON; each row's commit in the last column). "
+                f"'capped': epochs cut below the profile's schedule (BENCH_EPOCHS); finetune rows: "
+                f"{FINETUNE_EPOCHS} epochs with the backbone training, codes encoded from images.\n\n" + table)
+    plots(merged, stem, args)
+    print(markdown_table(results) + f"\nwritten: {stem}.json, .md and PNG plots "
+          f"({(time.perf_counter() - wall) / 60:.1f} min)")
     return 0
 
 
 def markdown_table(results: list[dict]) -> str:
     lines = ["| method | profile | epochs | bits | mAP@all | mAP@1000 | P@r≤2 | train s | train MB | "
-             "encode 69k s (features) | encode s (images, Dask) | img/s | worker MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "encode 69k s (features) | encode s (images, Dask) | img/s | worker MB | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         e2e = r.get("end_to_end")
         e2e_cells = (f"{e2e['seconds']:.0f} ({e2e['images']:,} img) | {e2e['images_per_second']:.0f} | "
                      f"{e2e['worker_peak_rss_mb']:.0f}" if e2e else "– | – | –")
-        lines.append(f"| {r['method']} | {r['profile']} | {r['epochs'] or '–'} | {r['bits']} | {r['map@all']:.4f} | "
+        epochs = "–" if not r["epochs"] else f"{r['epochs']}" + (" (capped)" if r.get("capped") else "")
+        encode = r["encode_seconds_69k_from_features"]
+        lines.append(f"| {row_name(r)} | {r['profile']} | {epochs} | {r['bits']} | {r['map@all']:.4f} | "
                      f"{r['map@1000']:.4f} | {r['precision@r2']:.4f} | {r['train_seconds']:.1f} | "
-                     f"{r['train_peak_rss_added_mb']:.0f} | {r['encode_seconds_69k_from_features']:.2f} | {e2e_cells} |")
+                     f"{r['train_peak_rss_added_mb']:.0f} | {'–' if encode is None else f'{encode:.2f}'} | {e2e_cells} | "
+                     f"{(r.get('commit') or '?')[:7]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,26 +298,27 @@ def plots(results: list[dict], stem: str, args) -> None:
     size = f"{args.image_size} px"
     for bits in sorted({r["bits"] for r in results}):
         at = [r for r in results if r["bits"] == bits]
-        plot_pr_curves({r["method"]: r["pr"] for r in at}, f"{stem}_pr_{bits}bits.png",
+        plot_pr_curves({row_name(r): r["pr"] for r in at}, f"{stem}_pr_{bits}bits.png",
                        title=f"PR over Hamming radius, {bits} bits, {size}")
-        plot_precision_at_n({r["method"]: r["precision@n"] for r in at}, f"{stem}_pn_{bits}bits.png",
+        plot_precision_at_n({row_name(r): r["precision@n"] for r in at}, f"{stem}_pn_{bits}bits.png",
                             title=f"precision@N, {bits} bits, {size}")
-    by_method: dict[str, dict] = {}
+    by_name: dict[str, dict] = {}
     for r in results:
-        by_method.setdefault(r["method"], {})[r["bits"]] = r
-    plot_lines({m: {b: r["map@all"] for b, r in rows.items()} for m, rows in by_method.items()}, f"{stem}_map.png",
-               title=f"mAP@all against code length, Fashion-MNIST, {size}", xlabel="bits", ylabel="mAP@all")
-    plot_grouped_bars({m: {f"{b} bits": r["train_seconds"] for b, r in rows.items()} for m, rows in by_method.items()},
-                      f"{stem}_train_time.png", title="training time, 5,000 images (head mode)", ylabel="seconds",
-                      logy=True)
+        by_name.setdefault(row_name(r), {})[r["bits"]] = r
+    plot_lines({m: {b: r["map@all"] for b, r in rows.items()} for m, rows in by_name.items() if len(rows) > 1},
+               f"{stem}_map.png", title=f"mAP@all against code length, Fashion-MNIST, {size}", xlabel="bits",
+               ylabel="mAP@all")
+    plot_grouped_bars({m: {f"{b} bits": r["train_seconds"] for b, r in rows.items()} for m, rows in by_name.items()},
+                      f"{stem}_train_time.png", title="training time, 5,000 images", ylabel="seconds", logy=True)
     times = {}
-    for m, rows in by_method.items():
+    for m, rows in by_name.items():
         for r in rows.values():
-            times.setdefault(m, {})[f"{r['bits']} bits, from features"] = r["encode_seconds_69k_from_features"]
+            if r["encode_seconds_69k_from_features"] is not None:
+                times.setdefault(m, {})[f"{r['bits']} bits, from features"] = r["encode_seconds_69k_from_features"]
             if r.get("end_to_end"):
                 e2e = r["end_to_end"]
                 # scaled to the 69,000 images so both bars are comparable in a quick run too
-                times[m][f"{r['bits']} bits, from images (Dask)"] = e2e["seconds"] * 69_000 / e2e["images"]
+                times.setdefault(m, {})[f"{r['bits']} bits, from images (Dask)"] = e2e["seconds"] * 69_000 / e2e["images"]
     plot_grouped_bars(times, f"{stem}_encode_time.png", title="encoding time of the 69,000-image database",
                       ylabel="seconds", logy=True)
 
