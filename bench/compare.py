@@ -290,8 +290,13 @@ def markdown_table(results: list[dict]) -> str:
         lines.append(f"| {row_name(r)} | {r['profile']} | {epochs} | {r['bits']} | {r['map@all']:.4f} | "
                      f"{r['map@1000']:.4f} | {r['precision@r2']:.4f} | {r['train_seconds']:.1f} | "
                      f"{r['train_peak_rss_added_mb']:.0f} | {'–' if encode is None else f'{encode:.2f}'} | {e2e_cells} | "
-                     f"{(r.get('commit') or '?')[:7]} |")
+                     f"{_short_commit(r.get('commit'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _short_commit(commit: str | None) -> str:
+    """``3bec8f1``, or ``3bec8f1+`` for a tree with uncommitted changes."""
+    return "?" if not commit else commit[:7] + ("+" if commit.endswith("+uncommitted") else "")
 
 
 def plots(results: list[dict], stem: str, args) -> None:
