@@ -4,15 +4,21 @@ Head mode: a hash layer ``h = tanh(MLP(x))`` on cached backbone features. A pair
 ``S_ij ∈ {+1, −1, 0}`` is thresholded from cosine distances of the features (Eq. 2–3); the codes'
 inner products are fitted to it (Eq. 5). With ``gradient_attention`` a small network re-weights, per
 pair and per bit, how much of the pair's gradient each of the two codes receives (Eq. 14–17); it is
-trained by the virtual step of Algorithm 1. The attention network is a training-time module only.
+trained by the virtual step of Algorithm 1: θ⁺ is the very step the optimizer of θ takes next (SGD or
+Adam, from its own state), over every parameter that trains (the backbone too in finetune mode), and
+θ ← θ⁺ is then that optimizer's real step with the same attended gradient. The attention network is a
+training-time module only.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import functional_call
 
-from .base import register_method
+from .base import MethodError, register_method
 from .common import MLPHead, cosine_distance
 from .deep import DeepHashMethod
 
@@ -34,18 +40,90 @@ def distance_statistics(x: torch.Tensor, chunk_rows: int = 1024) -> tuple[float,
 
 
 class GradientAttention(nn.Module):
-    """Per (pair, side, bit): ``[h_ik, pair derivative, total derivative] → y`` (Eq. 16–17 input).
+    """φ: per (pair, side, bit) ``[h_ik, pair derivative, total derivative] → y`` (Eq. 16–17 input).
 
-    Two fully connected layers with 100 hidden units between them (``3 → 100 → 1``), as in the
-    public gradient-attention code the paper builds on; it runs on every pair × bit, so its size
-    sets the cost of a training step."""
+    Two fully connected hidden layers of ``hidden`` = 100 units each (``3 → 100 → 100 → 1``, ReLU), as
+    the paper's Sec. 2.3 gives it ("two fully connection layers, each of which contains 100 hidden
+    units"). It runs on every weighted pair × bit, so its size sets the cost of a training step."""
 
     def __init__(self, hidden: int = 100):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.net(inputs).squeeze(-1)
+
+
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """``√v`` whose derivative at ``v = 0`` is 0 instead of ∞ (an entry whose second moment is still
+    0, e.g. a zero gradient on Adam's first step, would otherwise turn φ's gradient into NaN)."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+def _scalar(value) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def optimizer_lookahead(optimizer: torch.optim.Optimizer, params, grads) -> list[torch.Tensor]:
+    """θ⁺: the parameters ``optimizer.step()`` would give if each ``p.grad`` were ``grads[i]``, computed
+    without touching the parameters or the optimizer's state, and differentiable in ``grads``.
+
+    The same arithmetic as torch's own step, from the optimizer's state and each parameter's group
+    (``lr``, ``weight_decay``, ``maximize``, …): SGD with momentum, dampening and Nesterov (the first
+    step starts the momentum buffer at the gradient, as torch does), and Adam / AdamW with the step
+    count, both moments, bias corrections, ``eps``, L2 or decoupled weight decay and AMSGrad. A
+    gradient that is None leaves its parameter as it is (the optimizer skips it). Other optimizers
+    raise :class:`MethodError`, since the virtual step would not be the step taken.
+    """
+    kind = type(optimizer)
+    if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        raise MethodError(f"uhga: the virtual step of Algorithm 1 is computed for torch.optim.SGD and "
+                          f"torch.optim.Adam/AdamW only, not {kind.__name__}")
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out = []
+    for p, g in zip(params, grads):
+        theta = p.detach()
+        if g is None:
+            out.append(theta)
+            continue
+        if id(p) not in group_of:
+            raise MethodError("uhga: a parameter of the virtual step is not one the optimizer updates")
+        if torch.is_complex(theta) or g.is_sparse:
+            raise MethodError("uhga: the virtual step supports dense real parameters only")
+        group, state = group_of[id(p)], optimizer.state.get(p, {})
+        lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])
+        if group.get("maximize", False):
+            g = -g
+        if kind is torch.optim.SGD:
+            if weight_decay != 0:
+                g = g.add(theta, alpha=weight_decay)
+            momentum = _scalar(group["momentum"])
+            if momentum != 0:
+                buf = state.get("momentum_buffer")
+                buf = g if buf is None else (buf * momentum).add(g, alpha=1 - _scalar(group["dampening"]))
+                g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+            out.append(theta.add(g, alpha=-lr))
+            continue
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        step = (_scalar(state["step"]) if "step" in state else 0.0) + 1
+        exp_avg = state.get("exp_avg", torch.zeros_like(theta))
+        exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(theta))
+        if weight_decay != 0:
+            if group.get("decoupled_weight_decay", kind is torch.optim.AdamW):
+                theta = theta * (1 - lr * weight_decay)
+            else:
+                g = g.add(theta, alpha=weight_decay)
+        m = torch.lerp(exp_avg, g, 1 - beta1)
+        v = torch.addcmul(exp_avg_sq * beta2, g, g, value=1 - beta2)
+        if group["amsgrad"]:
+            v = torch.maximum(state.get("max_exp_avg_sq", torch.zeros_like(theta)), v)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+        denom = (_sqrt(v) / bias_correction2_sqrt) + _scalar(group["eps"])
+        out.append(torch.addcdiv(theta, m, denom, value=-lr / bias_correction1))
+    return out
 
 
 @register_method("uhga")
@@ -64,12 +142,12 @@ class UHGA(DeepHashMethod):
     gradient_attention : bool
         False gives the paper's plain-loss ablation ("Ours" in Table 3).
     optimizer : "sgd" or "adam"
-        How θ is updated. With plain SGD (no momentum) the real update equals the virtual step
-        ``θ⁺ = θ − α g(φ)`` of Algorithm 1.
-    virtual_lr : float or null
-        α of the virtual step; null = ``lr``.
+        How θ is updated (``momentum`` and ``weight_decay`` apply). The virtual step of Algorithm 1 is
+        this optimizer's next step computed functionally (:func:`optimizer_lookahead`): with plain SGD
+        it is the paper's ``θ⁺ = θ − lr·g(φ)``; with momentum or Adam it is the update they really make
+        from their buffers, moments and step count. The real step that follows is equal to it.
     attention_lr, attention_hidden : float, int
-        Adam learning rate and width of the attention network φ.
+        Adam learning rate and width of the two hidden layers of the attention network φ.
 
     Training pairs are mini-batch × mini-batch (``S`` of a batch is computed from its features with
     the thresholds of the whole training set), diagonal included as in Eq. 5–6.
@@ -95,10 +173,13 @@ class UHGA(DeepHashMethod):
         return head
 
     def make_optimizer(self, params):
-        if self.config.get("optimizer", "adam") == "sgd":
+        kind = self.config.get("optimizer", "adam")
+        if kind == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=float(self.config.get("momentum", 0.0)),
                                    weight_decay=self.config.get("weight_decay", 0.0))
-        return super().make_optimizer(params)
+        if kind == "adam":
+            return super().make_optimizer(params)
+        raise MethodError(f"uhga: optimizer must be 'sgd' or 'adam', got {kind!r}")
 
     # -- loss ----------------------------------------------------------------------------------
     def pair_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,54 +203,98 @@ class UHGA(DeepHashMethod):
     # -- gradient attention ----------------------------------------------------------------------
     def attended_code_gradient(self, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``∂l/∂h`` with each pair's share re-weighted by the attention network (Eq. 14–17);
-        differentiable in φ. ``h`` is detached."""
+        differentiable in φ. ``h`` is detached. φ runs on the pairs with ``|S_ij| = 1`` only: a pair
+        with ``S_ij = 0`` has no derivative to share, whatever its weights."""
         n, k = h.shape
         residual = weight * (h @ h.T / k - target)          # ∂l/∂ℑ_ij up to the factor 2/n²
         scale = 4.0 / (n * n * k)                            # both ℑ_ij and ℑ_ji hold h_i: 2 · 2/n² · 1/k
         i, j = torch.triu_indices(n, n, 1, device=h.device)
+        keep = weight[i, j] != 0
+        i, j = i[keep], j[keep]
         pair = residual[i, j][:, None]
         share_i, share_j = pair * h[j], pair * h[i]          # per-pair derivative of h_i, h_j (÷ scale)
         total = residual @ h / n                              # plain derivative (÷ scale·n)
-        # inputs kept O(1) whatever the batch size and code length, so φ sees comparable values
-        y_i = self.attention_(torch.stack([h[i], share_i, total[i]], -1))
-        y_j = self.attention_(torch.stack([h[j], share_j, total[j]], -1))
-        xi = torch.softmax(torch.stack([y_i, y_j]), dim=0)   # Eq. 16–17, over the pair's two codes
+        # inputs kept O(1) whatever the batch size and code length, so φ sees comparable values;
+        # both sides of every pair in one pass of φ
+        y = self.attention_(torch.stack([torch.stack([h[i], share_i, total[i]], -1),
+                                         torch.stack([h[j], share_j, total[j]], -1)]))
+        xi = torch.softmax(y, dim=0)                         # Eq. 16–17, over the pair's two codes
         weighted = torch.diagonal(residual)[:, None] * h    # a code paired with itself has no rival
         weighted = weighted.index_add(0, i, xi[0] * share_i).index_add(0, j, xi[1] * share_j)
         return scale * weighted
 
     def train_step(self, idx, x, y):
+        """One step of Algorithm 1.
+
+        With ``c(φ)`` the attended code derivative, ``g(φ) = J(θ)ᵀ c(φ)`` where ``J = ∂h/∂θ`` (every
+        parameter the optimizer updates: the hash layers, and the backbone when fine-tuning), and
+        ``θ⁺ = step(θ, g)`` the optimizer's next step (:func:`optimizer_lookahead`). φ's gradient of
+        ``l(θ⁺)`` is taken in the order that keeps it to first-order passes: ``u = ∂l(θ⁺)/∂g`` by a
+        backward pass through the network at θ⁺ and the step, ``J(θ) u`` by one forward-mode pass
+        (dual numbers) through the network at θ, and then ``∂l/∂φ = (∂c/∂φ)ᵀ J(θ) u``, a
+        backward pass through φ alone. It equals differentiating ``l(θ⁺)`` through a
+        ``create_graph`` backward pass, without the second derivatives of the backbone's grouped
+        convolutions, which torch computes group by group. The real step then takes the same g.
+        """
         if not self.gradient_attention:
             return super().train_step(idx, x, y)
-        names, params = zip(*[(name, p) for name, p in self.head_.named_parameters()])
-        weight, target = self.pair_targets(self.reference_[idx])
+        modules = {"head": self.head_}
+        if self.finetuning:
+            modules["backbone"] = self.backbone_.net
+        named = [(part, name, p) for part, module in modules.items() for name, p in module.named_parameters()
+                 if p.requires_grad]
+        params = [p for _, _, p in named]
+        weight, target = self.pair_targets(self.reference_[idx])  # S from the pretrained features
         h = self.head_(x)
         loss_weight = self.config["loss_weights"]["pairwise"]
         loss = self.pairwise_loss(h, weight, target)
-        # g(φ): the weighted code derivative back-propagated into θ, kept differentiable in φ
+        # c(φ) and g = J(θ)ᵀ c: the attended code derivative back-propagated into θ (through the
+        # backbone too when fine-tuning); None for layers the codes do not use (the ImageNet classifier)
         code_grad = loss_weight * self.attended_code_gradient(h.detach(), weight, target)
-        grads = torch.autograd.grad(h, params, grad_outputs=code_grad, create_graph=True,
-                                    retain_graph=self.finetuning)
+        grads = torch.autograd.grad(h, params, grad_outputs=code_grad.detach(), allow_unused=True)
         if self.finetuning:
-            # the backbone takes the attended gradient too; the virtual step below looks ahead over the
-            # hash layers only (a second-order step through the CNN is out of reach on a CPU)
-            backbone = [p for p in self.backbone_.net.parameters()]
-            for p, g in zip(backbone, torch.autograd.grad(h, backbone, grad_outputs=code_grad.detach(),
-                                                          allow_unused=True)):
-                p.grad = g  # None for layers the features do not use (the ImageNet classifier)
-        x = x.detach()
-        # virtual step θ⁺ = θ − α g(φ), then φ minimises l(θ⁺) (Eq. 18–19)
-        step = float(self.config.get("virtual_lr") or self.lr)
-        virtual = {name: p.detach() - step * g for name, p, g in zip(names, params, grads)}
-        loss_after = self.pairwise_loss(functional_call(self.head_, virtual, (x,)), weight, target)
-        self.attention_optimizer_.zero_grad(set_to_none=True)
+            pixels = self.backbone_.preprocess(self.images_(idx.cpu().numpy()))  # the batch's images again
+        else:
+            features = x.detach()
+
+        def network(values: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+            """h of the batch with parameters ``values`` (batch-norm statistics frozen)."""
+            inputs = (functional_call(self.backbone_.net, values["backbone"], (pixels,)).float()
+                      if self.finetuning else features)
+            return functional_call(self.head_, values["head"], (inputs,))
+
+        def nest(tensors) -> dict[str, dict[str, torch.Tensor]]:
+            values = {part: {} for part in modules}
+            for (part, name, _), tensor in zip(named, tensors):
+                values[part][name] = tensor
+            return values
+
+        # virtual step (Eq. 18): θ⁺ = the step the optimizer of θ takes next with gradient g
+        leaves = [None if g is None else g.detach().requires_grad_() for g in grads]
+        virtual = optimizer_lookahead(self.optimizer_, params, leaves)
+        loss_after = self.pairwise_loss(network(nest(virtual)), weight, target)
+        used = [leaf for leaf in leaves if leaf is not None]
+        u = iter(torch.autograd.grad(loss_weight * loss_after, used, allow_unused=True))
+        tangents = []
+        for p, leaf in zip(params, leaves):
+            du = None if leaf is None else next(u)
+            tangents.append(torch.zeros_like(p) if du is None else du)
+        # J(θ) u by forward mode (dual numbers), then φ minimises l(θ⁺) (Eq. 19) through c(φ)
+        with forward_ad.dual_level(), warnings.catch_warnings():
+            # the first dual number loads torch's forward-mode decompositions, which script a few
+            # functions and warn that torch.jit.script is deprecated: nothing of ours
+            warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+            duals = [forward_ad.make_dual(p.detach(), t) for p, t in zip(params, tangents)]
+            code_direction = forward_ad.unpack_dual(network(nest(duals))).tangent
         attention_params = list(self.attention_.parameters())
-        for p, g in zip(attention_params, torch.autograd.grad(loss_weight * loss_after, attention_params)):
-            p.grad = g
+        self.attention_optimizer_.zero_grad(set_to_none=True)
+        for p, g in zip(attention_params, torch.autograd.grad(code_grad, attention_params, grad_outputs=code_direction,
+                                                                allow_unused=True)):
+            p.grad = torch.zeros_like(p) if g is None else g
         self.attention_optimizer_.step()
-        # θ ← θ⁺ (exactly so with plain SGD; Adam uses g(φ) as its gradient)
+        # θ ← θ⁺: the optimizer's real step with the same g, which lands on θ⁺
         for p, g in zip(params, grads):
-            p.grad = g.detach()
+            p.grad = g
         self.optimizer_.step()
         return {"loss": float(loss_weight * loss.detach()), "pairwise": float(loss.detach()),
                 "pairwise_after_step": float(loss_after.detach())}
