@@ -139,11 +139,12 @@ class DeepHashMethod(HashMethod):
         return self.backbone_(self.backbone_.preprocess(pixels)).float()
 
     @torch.no_grad()
-    def current_features(self, batch: int = 256) -> torch.Tensor:
-        """Features of every training image from the network as it is now."""
+    def current_features(self, rows: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+        """Features of training rows ``rows`` (default: all) from the network as it is now."""
         if not self.finetuning:
-            return self.reference_
-        rows = torch.arange(len(self.reference_))
+            return self.reference_ if rows is None else self.reference_[rows.to(self.reference_.device)]
+        if rows is None:
+            rows = torch.arange(len(self.reference_))
         return torch.cat([self.batch_features(rows[i:i + batch]) for i in range(0, len(rows), batch)])
 
     def _parameter_groups(self) -> list[dict]:

@@ -320,17 +320,10 @@ class LAGNH(DeepHashMethod):
     def parameters_to_train(self):
         return [p for p in [*self.head_.parameters(), *self.semantic_map_.parameters()] if p.requires_grad]
 
-    @torch.no_grad()
-    def _features_of(self, rows: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        """Features of training rows from the network as it is now (the cached ones in head mode)."""
-        if not self.finetuning:
-            return self.reference_[rows.to(self.reference_.device)]
-        return torch.cat([self.batch_features(rows[i:i + batch]) for i in range(0, len(rows), batch)])
-
     def on_epoch_start(self, epoch, x, y):
         # finetune mode: the anchors follow the backbone once an epoch (without gradients through it)
         if epoch == 0 or self.finetuning:
-            self.anchor_x_ = self._features_of(self.anchor_rows_)
+            self.anchor_x_ = self.current_features(self.anchor_rows_)
             self.anchor_concepts_ = self.head_.tags(self.anchor_x_)
 
     def _sigma2(self, xt: torch.Tensor) -> torch.Tensor:
@@ -393,7 +386,7 @@ class LAGNH(DeepHashMethod):
     @torch.no_grad()
     def _fix_anchors(self, head: LAGNHHead) -> None:
         """Store the anchors' nodes, from the final network, in the head's buffers."""
-        x = self._features_of(self.anchor_rows_).cpu().double()
+        x = self.current_features(self.anchor_rows_).cpu().double()
         concepts = head.tags(x)
         anchor_xt = head.attend(x, concepts)
         head.sigma2.copy_(self._sigma2(anchor_xt))
@@ -409,5 +402,5 @@ class LAGNH(DeepHashMethod):
         """``Z`` of every training image as the training graph computes it with the final weights
         (no dropout): what encoding a training image alone must reproduce."""
         head = self.head_.eval()
-        x = self._features_of(torch.arange(len(self.reference_))).cpu()
+        x = self.current_features().cpu()
         return torch.cat([self._forward(x[i:i + batch]) for i in range(0, len(x), batch)])
