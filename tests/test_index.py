@@ -142,9 +142,13 @@ def test_auto_searcher_starts_on_numpy_and_loads_the_kernels_once_that_pays(clus
     assert auto._choose(10**7) == "linear"  # a bulk call would cost the scan more than the load
     queries = codes[:5] ^ np.uint8(8)
     expected = hashindex.open(index.path, searcher="numpy").search(queries, 10)
-    started = time.perf_counter()
-    hashindex.open(index.path, searcher="numpy").search(queries, 10)
-    monkeypatch.setattr(hashindex.index, "KERNEL_LOAD_SECONDS", 5 * (time.perf_counter() - started))
+    numpy_only = hashindex.open(index.path, searcher="numpy")
+    timings = []
+    for _ in range(5):  # the least of a few: one slow call (a GC pause, a busy core) must not set the bar
+        started = time.perf_counter()
+        numpy_only.search(queries, 10)
+        timings.append(time.perf_counter() - started)
+    monkeypatch.setattr(hashindex.index, "KERNEL_LOAD_SECONDS", 5 * min(timings))
     engines = []
     for _ in range(200):
         engines.append(auto.searcher)
