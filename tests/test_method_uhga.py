@@ -7,6 +7,7 @@ from conftest import held_out_map
 from hashindex.backbones import BackboneSpec
 from hashindex.encoder import Encoder
 from hashindex.methods import create_method
+from hashindex.methods.targets import Cosine
 from hashindex.methods.uhga import distance_statistics
 
 # small batches keep the per-pair × per-bit attention network cheap on CPU
@@ -42,7 +43,7 @@ def test_encoder_round_trip_and_batch_independence(trained, fmnist_features):
 
 def test_similarity_thresholds_exclude_the_diagonal():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    mean, low, high = distance_statistics(x, chunk_rows=2)
+    mean, low, high = distance_statistics(Cosine().fit(x), len(x), chunk_rows=2)
     d = 1 - np.array([[1, 0, 0.5 ** 0.5], [0, 1, 0.5 ** 0.5], [0.5 ** 0.5, 0.5 ** 0.5, 1]])
     off = d[~np.eye(3, dtype=bool)]
     assert mean == pytest.approx(off.mean()) and low == pytest.approx(off.min()) and high == pytest.approx(off.max())
@@ -208,7 +209,7 @@ def _record_steps(monkeypatch, method):
         params, before, virtual = virtual_steps[-1]
         with torch.no_grad():
             h = method.head_(method.batch_features(idx))
-            loss_now = float(method.pairwise_loss(h, *method.pair_targets(method.reference_[idx])))
+            loss_now = float(method.pairwise_loss(h, *method.pair_targets(idx)))
         checks.append({"params": len(params),
                        "error": max(float((p.detach() - v).abs().max()) for p, v in zip(params, virtual)),
                        "moved": min(float((v - b).abs().max()) for b, v in zip(before, virtual)),

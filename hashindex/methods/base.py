@@ -5,6 +5,7 @@ import inspect
 from typing import ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..errors import HashindexError
@@ -46,6 +47,11 @@ class HashMethod:
         Code length, a multiple of 8.
     seed : int, default 0
         Seeds every random choice, so training is repeatable.
+    neighbourhood : bool or dict, optional
+        Train and encode on the neighbourhood embedding of the features (neighbourhood.py: the mean
+        of the manifold-diffused features of each image's nearest training anchors) instead of the
+        raw features; a dict sets ``k``, ``graph_k``, ``alpha``, ``power``, ``max_anchors``. Head
+        mode only. Off by default: every paper and baseline trains on the raw features.
     """
 
     name: ClassVar[str] = "base"
@@ -54,8 +60,11 @@ class HashMethod:
     stem_attention: ClassVar[str | None] = None  # module finetune mode puts after the backbone's stem
     profile: str = "paper"
 
-    def __init__(self, bits: int, *, seed: int = 0):
+    def __init__(self, bits: int, *, seed: int = 0, neighbourhood: bool | dict | None = None):
         self.bits, self.seed = int(bits), int(seed)
+        self.neighbourhood = neighbourhood
+        from .neighbourhood import neighbourhood_params  # (neighbourhood.py imports MethodError from here)
+        neighbourhood_params(neighbourhood)  # a bad spec fails here, before any feature is computed
 
     def fit(self, features: np.ndarray, labels: np.ndarray | None = None, *, images=None, backbone=None) -> nn.Module:
         """Train on ``features`` (one row per training image); returns the head.
@@ -79,14 +88,27 @@ class HashMethod:
             raise MethodError(f"{self.name}: training features contain NaN or infinity")
         if self.needs_labels and labels is None:
             raise MethodError(f"{self.name} is supervised: the training source has no labels")
+        from .neighbourhood import NeighbourhoodEmbedding, neighbourhood_params
+        spec = neighbourhood_params(self.neighbourhood)
+        if spec is not None:
+            if backbone is not None:
+                raise MethodError(f"{self.name}: the neighbourhood embedding is for head mode; "
+                                  "its anchors are features of the frozen backbone")
+            self.neighbourhood_ = NeighbourhoodEmbedding(**spec, seed=self.seed).fit(torch.from_numpy(features))
+            features = self.neighbourhood_.transform(torch.from_numpy(features)).numpy()
         self.head_ = self._fit(features, labels)
+        if spec is not None:  # the encoder embeds each image the way training did
+            self.head_ = self.neighbourhood_.wrap(self.head_)
         return self.head_
 
     def _fit(self, features: np.ndarray, labels: np.ndarray | None) -> nn.Module:
         raise NotImplementedError
 
     def params(self) -> dict:
-        return {"bits": self.bits, "seed": self.seed, "profile": self.profile}
+        params = {"bits": self.bits, "seed": self.seed, "profile": self.profile}
+        if self.neighbourhood not in (None, False):
+            params["neighbourhood"] = self.neighbourhood
+        return params
 
     def training_arrays(self) -> dict[str, np.ndarray]:
         """Arrays of the fitted training run worth keeping with the encoder's training record."""

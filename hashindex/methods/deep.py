@@ -27,13 +27,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .base import HashMethod, MethodError
+from .neighbourhood import neighbourhood_params
+from .targets import bit_balance, make_target
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
 # parameters every deep method reads, whether or not its profiles set them
-GENERIC_PARAMS = {"epochs", "lr", "batch_size", "weight_decay", "loss_weights", "backbone_lr_factor"}
+GENERIC_PARAMS = {"epochs", "lr", "batch_size", "weight_decay", "loss_weights", "backbone_lr_factor", "similarity",
+                  "neighbourhood"}
+# loss terms every deep method offers on top of its paper's (targets.py); off unless a profile weights them
+SHARED_TERMS = ("balance",)
 
 
 def load_config(name: str) -> dict:
@@ -91,11 +96,17 @@ class DeepHashMethod(HashMethod):
             merged.update(override)
             # an override names only the terms it changes; the others keep the profile's weights
             weights.update(override.get("loss_weights", {}))
-        unknown = set(weights) - set(self.loss_names)
+        unknown = set(weights) - set(self.loss_names) - set(SHARED_TERMS)
         if unknown:
-            raise MethodError(f"{self.name}: unknown loss terms {sorted(unknown)}; terms: {list(self.loss_names)}")
+            raise MethodError(f"{self.name}: unknown loss terms {sorted(unknown)}; "
+                              f"terms: {list(self.loss_names) + list(SHARED_TERMS)}")
         merged["loss_weights"] = {name: float(weights.get(name, 1.0)) for name in self.loss_names}
+        # shared terms are off unless weighted, and only the weighted ones are recorded
+        merged["loss_weights"].update({name: float(weights[name]) for name in SHARED_TERMS if weights.get(name)})
+        make_target(merged.get("similarity") or "cosine")  # a bad target spec fails here, not after caching
         self.config = merged
+        self.neighbourhood = merged.get("neighbourhood")
+        neighbourhood_params(self.neighbourhood)
 
     def __getattr__(self, item):
         # parameters read as attributes: self.epochs, self.lr, … (only reached when not a real attribute)
@@ -157,6 +168,16 @@ class DeepHashMethod(HashMethod):
         return groups
 
     # -- shared skeleton -----------------------------------------------------------------------
+    @property
+    def similarity_target(self) -> str | dict | None:
+        """The configured pair target (``similarity``; None: the method's own, as its paper defines it)."""
+        return self.config.get("similarity")
+
+    def shared_terms(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The shared terms a profile switches on, on a batch of relaxed codes."""
+        weights = self.config["loss_weights"]
+        return {"balance": bit_balance(codes)} if weights.get("balance") else {}
+
     def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = self.config["loss_weights"]
         return sum(weights[name] * value for name, value in terms.items() if weights.get(name, 0.0) != 0.0)
@@ -175,6 +196,8 @@ class DeepHashMethod(HashMethod):
         device = training_device()
         x = torch.from_numpy(features).to(device)
         self.reference_ = x
+        # pair targets come from the pretrained features, like every paper's similarity
+        self.similarity_ = make_target(self.similarity_target or "cosine").fit(x)
         if self.finetuning:
             self.backbone_.to(device).eval()  # eval: batch-norm statistics stay the pretrained ones
         y = None if labels is None else torch.from_numpy(np.asarray(labels)).to(device)

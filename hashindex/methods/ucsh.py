@@ -187,7 +187,10 @@ class UCSH(DeepHashMethod):
             hard = torch.where(logits >= 0, 1.0, -1.0)
         codes = relaxed + (hard - relaxed).detach()  # straight-through estimator
         similarity = 1.0 - 2.0 * cosine_distance(features)
-        pair_similarity = similarity if self.similarity_grad else similarity.detach()
+        if self.similarity_target is not None:  # a shared target of the pretrained features (targets.py)
+            pair_similarity = self.similarity_(idx)
+        else:  # the paper's Eq. 3 on the adapted features
+            pair_similarity = similarity if self.similarity_grad else similarity.detach()
         pairwise = ((self.bits * pair_similarity - codes @ codes.T) ** 2).sum()
         reconstruction = ((self.decoder_(codes) - features) ** 2).sum()
         # KL(q(b|x) ‖ Bernoulli(½)) per bit, in a form stable for large logits
@@ -196,4 +199,4 @@ class UCSH(DeepHashMethod):
         cluster = ((codes - self.targets_[self.cluster_of_[idx]]) ** 2).sum()
         separate = -((off_diagonal(similarity) - self.similarity_threshold_) ** 2).sum()
         return {"pairwise": pairwise, "reconstruction": reconstruction, "kl": kl,
-                "cluster": cluster, "separate": separate}
+                "cluster": cluster, "separate": separate, **self.shared_terms(relaxed)}

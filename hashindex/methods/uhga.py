@@ -19,20 +19,20 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from .base import MethodError, register_method
-from .common import MLPHead, cosine_distance
+from .common import MLPHead
 from .deep import DeepHashMethod
 
 
-def distance_statistics(x: torch.Tensor, chunk_rows: int = 1024) -> tuple[float, float, float]:
-    """Mean, min and max of the cosine distances of all pairs ``i != j``, computed in row blocks so
-    no ``n × n`` matrix is held."""
-    n = len(x)
+def distance_statistics(similarity, n: int, chunk_rows: int = 1024) -> tuple[float, float, float]:
+    """Mean, min and max of the distances ``1 − S_ij`` of all training pairs ``i != j`` under a fitted
+    similarity target (default: cosine), computed in row blocks so no ``n × n`` matrix is held."""
     total, low, high = 0.0, float("inf"), float("-inf")
+    every = torch.arange(n)
     for start in range(0, n, chunk_rows):
-        block = cosine_distance(x[start:start + chunk_rows], x).double()
-        rows = torch.arange(start, start + len(block), device=x.device)
+        rows = every[start:start + chunk_rows]
+        block = 1.0 - similarity(rows, every).double()
         off = torch.ones_like(block, dtype=torch.bool)
-        off[torch.arange(len(block), device=x.device), rows] = False
+        off[torch.arange(len(block)), rows] = False
         values = block[off]
         total += float(values.sum())
         low, high = min(low, float(values.min())), max(high, float(values.max()))
@@ -157,7 +157,7 @@ class UHGA(DeepHashMethod):
 
     # -- setup ---------------------------------------------------------------------------------
     def build(self, x, y):
-        mean, low, high = distance_statistics(x)
+        mean, low, high = distance_statistics(self.similarity_, len(x))
         eta = float(self.eta)
         self.similar_below_ = mean - eta * (mean - low)
         self.dissimilar_above_ = mean + eta * (high - mean)
@@ -182,9 +182,10 @@ class UHGA(DeepHashMethod):
         raise MethodError(f"uhga: optimizer must be 'sgd' or 'adam', got {kind!r}")
 
     # -- loss ----------------------------------------------------------------------------------
-    def pair_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 3 for a batch: the weight ``|S_ij|`` and the target of every pair."""
-        d = cosine_distance(x)
+    def pair_targets(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 3 for the training rows ``idx``: the weight ``|S_ij|`` and the target of every pair, from
+        the distances ``1 − similarity`` (the paper's cosine distance unless ``similarity`` says)."""
+        d = 1.0 - self.similarity_(idx)
         similar = d < self.similar_below_
         dissimilar = d > self.dissimilar_above_
         weight = (similar | dissimilar).float()
@@ -197,8 +198,9 @@ class UHGA(DeepHashMethod):
         return (weight * (inner - target) ** 2).mean()
 
     def loss_terms(self, idx, x, y):
-        weight, target = self.pair_targets(self.reference_[idx])  # S from the pretrained features
-        return {"pairwise": self.pairwise_loss(self.head_(x), weight, target)}
+        weight, target = self.pair_targets(idx)  # S from the pretrained features
+        h = self.head_(x)
+        return {"pairwise": self.pairwise_loss(h, weight, target), **self.shared_terms(h)}
 
     # -- gradient attention ----------------------------------------------------------------------
     def attended_code_gradient(self, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -244,14 +246,18 @@ class UHGA(DeepHashMethod):
         named = [(part, name, p) for part, module in modules.items() for name, p in module.named_parameters()
                  if p.requires_grad]
         params = [p for _, _, p in named]
-        weight, target = self.pair_targets(self.reference_[idx])  # S from the pretrained features
+        weight, target = self.pair_targets(idx)  # S from the pretrained features
         h = self.head_(x)
         loss_weight = self.config["loss_weights"]["pairwise"]
         loss = self.pairwise_loss(h, weight, target)
         # c(φ) and g = J(θ)ᵀ c: the attended code derivative back-propagated into θ (through the
         # backbone too when fine-tuning); None for layers the codes do not use (the ImageNet classifier)
         code_grad = loss_weight * self.attended_code_gradient(h.detach(), weight, target)
-        grads = torch.autograd.grad(h, params, grad_outputs=code_grad.detach(), allow_unused=True)
+        grads = torch.autograd.grad(h, params, grad_outputs=code_grad.detach(), allow_unused=True, retain_graph=True)
+        shared = self.shared_terms(h)
+        if shared:  # the shared terms' gradient joins g unattended: φ re-weights pairs only
+            extra = torch.autograd.grad(self.total_loss(shared), params, allow_unused=True)
+            grads = [e if g is None else g if e is None else g + e for g, e in zip(grads, extra)]
         if self.finetuning:
             pixels = self.backbone_.preprocess(self.images_(idx.cpu().numpy()))  # the batch's images again
         else:
@@ -296,5 +302,6 @@ class UHGA(DeepHashMethod):
         for p, g in zip(params, grads):
             p.grad = g
         self.optimizer_.step()
-        return {"loss": float(loss_weight * loss.detach()), "pairwise": float(loss.detach()),
-                "pairwise_after_step": float(loss_after.detach())}
+        shared_loss = float(self.total_loss(shared).detach()) if shared else 0.0
+        return {"loss": float(loss_weight * loss.detach()) + shared_loss, "pairwise": float(loss.detach()),
+                "pairwise_after_step": float(loss_after.detach()), **{k: float(v.detach()) for k, v in shared.items()}}
