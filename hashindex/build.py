@@ -16,13 +16,15 @@ import numpy as np
 import zarr
 
 from . import store
+from .augment import Augment, AugmentError, check_seed, check_views
 from .backbones import BackboneSpec, feature_dim, load_backbone, resolve_spec
 from .encoder import Encoder
 from .index import Index
 from .index import open as open_index
 from .methods import MethodError, create_method
 from .methods.deep import training_device
-from .pipeline import CodeTransform, FeatureTransform, build_key, chunk_rows_for, dask_client, run_chunks
+from .pipeline import (CodeTransform, FeatureTransform, ViewTransform, build_key, chunk_rows_for, dask_client,
+                       run_chunks)
 from .sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,83 @@ def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_di
         store.finish_version(group)
         seconds = time.perf_counter() - started
     return FeatureSet(group["features"][:], group["valid"][:], src.ids, src.labels, location, seconds, spec)
+
+
+@dataclass
+class ViewSet:
+    """Backbone features of ``V`` augmented views of every row of a source (rows that failed to
+    decode: ``valid`` False, their views all zero). View ``v`` of row ``r`` is the image
+    ``augment(pixels, [r], view=v, seed=seed, size=backbone.image_size)`` through the frozen backbone."""
+
+    views: np.ndarray      # float16 [N, V, d]
+    valid: np.ndarray      # bool [N]
+    ids: np.ndarray
+    labels: np.ndarray | None
+    location: str
+    seconds: float         # time spent computing (0 when read from the cache)
+    backbone: BackboneSpec
+    augment: Augment
+    seed: int
+
+
+def cached_views(source, backbone: BackboneSpec = BackboneSpec(), *, views: int = 8, augment: Augment = Augment(),
+                 seed: int = 0, cache_dir: str | None = None, chunk_rows: int | None = None, client=None,
+                 scheduler=None, n_workers: int | None = None) -> ViewSet:
+    """Backbone features of ``views`` augmented views of each image of ``source``, computed once with
+    Dask into a Zarr cache and reused after, like :func:`cached_features` (and resumed the same way).
+
+    Parameters
+    ----------
+    source
+        Anything :func:`hashindex.sources.open_source` opens.
+    backbone : BackboneSpec
+        The frozen network (a method's own: :func:`method_backbone`).
+    views : int
+        Views per image, at least 1.
+    augment : Augment
+        How a view is drawn from its image.
+    seed : int
+        Seed of the views: view ``v`` of row ``r`` depends on ``(seed, r, v)`` only, not on the
+        chunking or the cluster.
+    chunk_rows : int, optional
+        Rows per task; by default a feature cache's rows divided by ``views``, so a task does as many
+        forwards as one of :func:`cached_features` (a killed build loses no more work).
+
+    Returns
+    -------
+    ViewSet
+        ``views`` float16 ``[N, views, d]`` and the ``valid`` mask. The cache key holds the backbone,
+        the source's fingerprint, the chunking, ``views``, the augmentation's parameters and ``seed``.
+    """
+    views, seed = check_views(views), check_seed(seed)
+    if not isinstance(augment, Augment):
+        raise AugmentError(f"augment must be an Augment, got {type(augment).__name__}")
+    src = open_source(source)
+    spec = resolve_spec(backbone)
+    chunk_rows = chunk_rows_for(len(src), chunk_rows or max(1, chunk_rows_for(len(src)) // views))
+    key = build_key("views", spec, src.fingerprint(), chunk_rows, len(src), views, augment, seed)
+    attention = f"-{spec.stem_attention}" if spec.stem_attention else ""
+    location = os.path.join(cache_dir or default_cache_dir(), "views",
+                            f"{spec.name}{attention}-{spec.image_size}px-{views}v-{key}.zarr")
+    transform = ViewTransform(spec, augment, views, seed)
+    seconds = 0.0
+    group = None
+    if os.path.isdir(location):
+        group = zarr.open_group(location, mode="r+")
+    if group is None or not group.attrs.get("complete"):
+        started = time.perf_counter()
+        group = store.create_version(location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels,
+                                     output=(transform.output, transform.width, "float16"),
+                                     attrs={"build_key": key, "backbone": spec.to_dict(), "source": src.describe(),
+                                            "views": views, "augment": augment.to_dict(), "seed": seed,
+                                            "layout": "views float16 [N, views * d], view-major"})
+        with _client(client, scheduler, n_workers) as c:
+            run_chunks(c, src, group, location, transform, desc=f"views {spec.name}{attention} x{views}")
+        store.finish_version(group)
+        seconds = time.perf_counter() - started
+    flat = group[transform.output][:]
+    return ViewSet(flat.reshape(len(flat), views, -1), group["valid"][:], src.ids, src.labels, location, seconds,
+                   spec, augment, seed)
 
 
 MODES = ("head", "finetune")

@@ -20,7 +20,8 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from .backbones import BackboneSpec, default_device, load_backbone
+from .augment import Augment, check_seed, check_views
+from .backbones import BackboneSpec, default_device, feature_dim, load_backbone
 from .encoder import Encoder
 from .sources import Source
 from . import store
@@ -72,6 +73,42 @@ class CodeTransform:
 
     def __call__(self, pixels) -> np.ndarray:
         return self.encoder().encode_pixels(pixels, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """Decoded pixels → float16 backbone features of ``views`` augmented views of each image.
+
+    Returns ``[n, views · d]``, view-major (view ``v`` of a row in columns ``v·d … (v+1)·d``), the
+    2-D row layout every version array has; :func:`hashindex.build.cached_views` reads it back as
+    ``[N, views, d]``. View ``v`` of the image at row ``r`` is ``augment(…, view=v, seed=seed)`` of
+    that row, cropped straight to the backbone's input size: it depends on ``(seed, r, v)`` only.
+    """
+
+    backbone: BackboneSpec
+    augment: Augment = Augment()
+    views: int = 8
+    seed: int = 0
+    batch_size: int = 256
+    output = "views"
+    takes_rows = True  # _run_chunk passes each image's row: the views are seeded by it
+
+    def __post_init__(self):  # checked here, in the client, rather than in every task
+        check_views(self.views)
+        check_seed(self.seed)
+
+    @property
+    def width(self) -> int:
+        """Columns of the output array: ``views · d``."""
+        return self.views * feature_dim(self.backbone.name)
+
+    def __call__(self, pixels, rows) -> np.ndarray:
+        net = _backbone(self.backbone)
+        out = np.empty((len(rows), self.views, net.feature_dim), dtype=np.float16)
+        for view in range(self.views):  # one batch of augmented pixels at a time: memory of one view
+            seen = self.augment(pixels, rows, view=view, seed=self.seed, size=self.backbone.image_size)
+            out[:, view] = net.features(seen, self.batch_size)
+        return out.reshape(len(rows), -1)
 
 
 def _backbone(spec: BackboneSpec):
@@ -128,7 +165,9 @@ def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | No
         decoded = reader()
         local = np.arange(n) if task.positions is None else task.positions - task.start
         if decoded.ok.any():
-            values[local[decoded.ok]] = transform(decoded.pixels)
+            # a transform that seeds by row (ViewTransform) also gets the version rows of the images
+            seeded = (task.start + local[decoded.ok],) if getattr(transform, "takes_rows", False) else ()
+            values[local[decoded.ok]] = transform(decoded.pixels, *seeded)
         values[local[~decoded.ok]] = 0
         valid[local] = decoded.ok
         reasons[local] = np.asarray(decoded.reasons, dtype=object)
