@@ -21,7 +21,7 @@ from .backbones import BackboneSpec, feature_dim, load_backbone, resolve_spec
 from .encoder import Encoder
 from .index import Index
 from .index import open as open_index
-from .methods import MethodError, create_method
+from .methods import METHODS, MethodError, create_method
 from .methods.deep import training_device
 from .pipeline import (CodeTransform, FeatureTransform, ViewTransform, build_key, chunk_rows_for, dask_client,
                        run_chunks)
@@ -203,7 +203,12 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
     if not 0.0 <= validation < 1.0:
         raise MethodError(f"validation must be a fraction in [0, 1), got {validation}")
     src = open_source(source)
-    hasher = create_method(method, bits, seed=seed, **(params or {}))
+    params = dict(params or {})
+    finetune_profile = getattr(METHODS.get(method), "finetune_profile", None)
+    if mode == "finetune" and finetune_profile and not params.get("profile"):
+        # the default profiles are built on frozen features; finetuning follows the paper unless told
+        params["profile"] = finetune_profile()
+    hasher = create_method(method, bits, seed=seed, **params)
     if mode == "finetune" and not hasher.can_finetune:
         raise MethodError(f"{method} has no finetune mode: it trains on backbone features only (use mode head)")
     spec = resolve_spec(method_backbone(method, backbone, params))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .base import HashMethod, MethodError
 from .neighbourhood import neighbourhood_params
-from .targets import bit_balance, make_target
+from .targets import bit_balance, make_target, pair_agreement
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -38,7 +38,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 GENERIC_PARAMS = {"epochs", "lr", "batch_size", "weight_decay", "loss_weights", "backbone_lr_factor", "similarity",
                   "neighbourhood"}
 # loss terms every deep method offers on top of its paper's (targets.py); off unless a profile weights them
-SHARED_TERMS = ("balance",)
+SHARED_TERMS = ("balance", "pairs")
 
 
 def load_config(name: str) -> dict:
@@ -108,6 +108,13 @@ class DeepHashMethod(HashMethod):
         self.neighbourhood = merged.get("neighbourhood")
         neighbourhood_params(self.neighbourhood)
 
+    @classmethod
+    def finetune_profile(cls) -> str:
+        """The profile finetune mode trains when none is named (``finetune_profile`` of the config
+        file; default: its ``default_profile``)."""
+        shipped = load_config(cls.name)
+        return shipped.get("finetune_profile", shipped["default_profile"])
+
     def __getattr__(self, item):
         # parameters read as attributes: self.epochs, self.lr, … (only reached when not a real attribute)
         config = self.__dict__.get("config", {})
@@ -173,10 +180,17 @@ class DeepHashMethod(HashMethod):
         """The configured pair target (``similarity``; None: the method's own, as its paper defines it)."""
         return self.config.get("similarity")
 
-    def shared_terms(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The shared terms a profile switches on, on a batch of relaxed codes."""
+    def shared_terms(self, idx: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The shared terms a profile switches on, on the relaxed codes of training rows ``idx``:
+        ``balance`` (bit balance and decorrelation) and ``pairs`` (the codes' cosines against the
+        configured similarity target, SDC's L1 fit)."""
         weights = self.config["loss_weights"]
-        return {"balance": bit_balance(codes)} if weights.get("balance") else {}
+        terms = {}
+        if weights.get("balance"):
+            terms["balance"] = bit_balance(codes)
+        if weights.get("pairs"):
+            terms["pairs"] = pair_agreement(codes, self.similarity_(idx))
+        return terms
 
     def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = self.config["loss_weights"]

@@ -181,7 +181,8 @@ class DPFAH(DeepHashMethod):
         s = label_similarity(y)
         return {"pairwise": pairwise_nll(fu, s),
                 "quantization": quantization_regulation(u, fu),
-                "classwise": classwise_loss(self.classifier_(phi), self.targets_[idx])}
+                "classwise": classwise_loss(self.classifier_(phi), self.targets_[idx]),
+                **self.shared_terms(idx, fu)}
 
     def _fit(self, features, labels):
         head = super()._fit(features, labels)

@@ -353,6 +353,7 @@ class LAGNH(DeepHashMethod):
             "quantization": ((sign(z).detach() - z) ** 2).mean(),
             "adversarial": F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake)),
             "semantic": ((targets.float() - self.semantic_map_(z)) ** 2).mean(),
+            **self.shared_terms(idx, z),
         }
 
     def train_step(self, idx, x, y):

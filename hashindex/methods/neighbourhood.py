@@ -59,7 +59,9 @@ class NeighbourhoodEmbedding:
     """Fit on training features, then :meth:`transform` any features; :meth:`wrap` puts a trained
     head behind the embedding for the encoder."""
 
-    def __init__(self, k: int = 10, graph_k: int = 10, alpha: float = 0.9, power: float = 3.0,
+    # defaults chosen on a validation split of the protocol's training images (1,000 of the 5,000 held
+    # out, 32-bit ITQ on the embedding: graph_k 20, alpha 0.95 gave 0.623 where 10 / 0.9 gave 0.617)
+    def __init__(self, k: int = 10, graph_k: int = 20, alpha: float = 0.95, power: float = 3.0,
                  max_anchors: int = 5000, seed: int = 0):
         self.k, self.graph_k, self.alpha, self.power = int(k), int(graph_k), float(alpha), float(power)
         self.max_anchors, self.seed = int(max_anchors), int(seed)

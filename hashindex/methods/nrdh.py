@@ -218,7 +218,8 @@ class NRDH(DeepHashMethod):
         fch = torch.tanh(fc)
         target_bits = (0.5 * (sign(fch) + 1.0)).detach()
         return {"fit": F.mse_loss(fc, self.targets_[idx]),
-                "quantization": F.binary_cross_entropy(((fch + 1.0) / 2.0).clamp(1e-6, 1 - 1e-6), target_bits)}
+                "quantization": F.binary_cross_entropy(((fch + 1.0) / 2.0).clamp(1e-6, 1 - 1e-6), target_bits),
+                **self.shared_terms(idx, fch)}
 
     def _fit(self, features: np.ndarray, labels):
         torch.manual_seed(self.seed)

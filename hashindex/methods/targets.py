@@ -198,3 +198,12 @@ def bit_balance(h: torch.Tensor) -> torch.Tensor:
     corr = h.T @ h / b
     decorrelation = (corr - torch.diag(torch.diagonal(corr))).pow(2).sum() / (k * (k - 1))
     return balance + decorrelation
+
+
+def pair_agreement(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the cosines of the relaxed codes ``h`` ``[B, k]`` and the pair
+    targets ``target`` ``[B, B]`` over pairs ``i != j`` (SDC's L1 fit: robust to the few pairs a
+    target gets wrong, where a squared error lets them dominate)."""
+    hn = F.normalize(h, dim=1)
+    off = ~torch.eye(len(h), dtype=torch.bool, device=h.device)
+    return ((hn @ hn.T - target)[off]).abs().mean()

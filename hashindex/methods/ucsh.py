@@ -199,4 +199,4 @@ class UCSH(DeepHashMethod):
         cluster = ((codes - self.targets_[self.cluster_of_[idx]]) ** 2).sum()
         separate = -((off_diagonal(similarity) - self.similarity_threshold_) ** 2).sum()
         return {"pairwise": pairwise, "reconstruction": reconstruction, "kl": kl,
-                "cluster": cluster, "separate": separate, **self.shared_terms(relaxed)}
+                "cluster": cluster, "separate": separate, **self.shared_terms(idx, relaxed)}

@@ -200,7 +200,7 @@ class UHGA(DeepHashMethod):
     def loss_terms(self, idx, x, y):
         weight, target = self.pair_targets(idx)  # S from the pretrained features
         h = self.head_(x)
-        return {"pairwise": self.pairwise_loss(h, weight, target), **self.shared_terms(h)}
+        return {"pairwise": self.pairwise_loss(h, weight, target), **self.shared_terms(idx, h)}
 
     # -- gradient attention ----------------------------------------------------------------------
     def attended_code_gradient(self, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -254,7 +254,7 @@ class UHGA(DeepHashMethod):
         # backbone too when fine-tuning); None for layers the codes do not use (the ImageNet classifier)
         code_grad = loss_weight * self.attended_code_gradient(h.detach(), weight, target)
         grads = torch.autograd.grad(h, params, grad_outputs=code_grad.detach(), allow_unused=True, retain_graph=True)
-        shared = self.shared_terms(h)
+        shared = self.shared_terms(idx, h)
         if shared:  # the shared terms' gradient joins g unattended: φ re-weights pairs only
             extra = torch.autograd.grad(self.total_loss(shared), params, allow_unused=True)
             grads = [e if g is None else g if e is None else g + e for g, e in zip(grads, extra)]
