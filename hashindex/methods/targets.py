@@ -151,7 +151,9 @@ class Calibrated(SimilarityTarget):
         i = torch.randint(n, (self.sample_pairs,), generator=g)
         j = torch.randint(n - 1, (self.sample_pairs,), generator=g)
         j = j + (j >= i)  # distinct pairs only: self-similarity is not part of the distribution
-        values = (self.base.z_[i] * self.base.z_[j]).sum(1)
+        # in blocks: gathering all sampled rows at once would hold 2 × pairs × d floats (2 GB at d = 1,280)
+        z = self.base.z_
+        values = torch.cat([(z[i[s:s + 8192]] * z[j[s:s + 8192]]).sum(1) for s in range(0, len(i), 8192)])
         q = torch.linspace(0, 1, self.table, dtype=torch.float64)
         # the empirical quantile function of the base values, and the Beta quantiles it maps onto
         self.knots_ = torch.quantile(values.double(), q).float()
