@@ -124,7 +124,7 @@ def test_lagnh_trains_on_user_tags_from_a_file(small, cache_dir, client, tmp_pat
     path.write_text("".join(f"{i} {' '.join(map(str, t))}\n" for i, t in zip(small.ids, tags)))
     read = read_tags(str(path), list(small.ids))
     assert np.array_equal(read, tags)
-    encoder = train_encoder(small, "lagnh", 16, backbone=SPEC, tags=read, client=client, params={"epochs": 2})
+    encoder = train_encoder(small, "lagnh", 16, backbone=SPEC, tags=read, client=client, params={"profile": "paper", "epochs": 2})
     # encoding predicts the concepts with a classifier fitted to the user tags, as training's graph did
     assert encoder.head.predict_tags and encoder.head.tag_rule == "sigmoid"
     # an image the file does not list is an error naming it

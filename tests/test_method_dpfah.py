@@ -91,7 +91,7 @@ def test_classwise_loss_shapes_the_codes_through_the_shared_trunk(fmnist_feature
     x = torch.from_numpy(fmnist_features["train"][:64])
     y = torch.from_numpy(fmnist_features["train_labels"][:64])
     torch.manual_seed(0)
-    method = create_method("dpfah", 16)  # paper profile
+    method = create_method("dpfah", 16, profile="paper")
     head = method.build(x, y)
     assert method.config["adapter"] == [512] and method.trunk_[0] is head.net[0]
     (trunk1, hash1), (trunk0, hash0) = _head_gradients(method, x, y, 0.1), _head_gradients(method, x, y, 0.0)

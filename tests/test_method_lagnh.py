@@ -34,7 +34,7 @@ def test_trains_and_beats_lsh(trained, fmnist_features):
 def test_paper_profile_encodes_a_training_image_as_training_did(fmnist_features):
     """The GCN is trained with the graph operator that encodes: self + m nearest anchors (the paper's
     dense batch graph trained it for a near-uniform average that encoding never applies)."""
-    method = create_method("lagnh", 32, epochs=8, batch_size=256, anchors=500)
+    method = create_method("lagnh", 32, profile="paper", epochs=8, batch_size=256, anchors=500)
     head = method.fit(fmnist_features["train"])
     encoder = Encoder(method="lagnh", bits=32, backbone=BackboneSpec(), head=head)
     alone = encoder.encode_features(fmnist_features["train"])
@@ -74,7 +74,7 @@ def test_user_tags_reach_encoding(fmnist_features):
     tags = np.zeros((len(x), 12), np.uint8)
     tags[np.arange(len(x)), labels] = 1                    # one tag per class …
     tags[np.arange(len(x)), 10 + (labels >= 5)] = 1        # … and a coarse one
-    method = create_method("lagnh", 16, epochs=4, batch_size=128, anchors=200)
+    method = create_method("lagnh", 16, profile="paper", epochs=4, batch_size=128, anchors=200)
     head = method.fit(x, tags=tags)
     assert head.predict_tags and head.tag_rule == "sigmoid" and head.concept_embedding.shape == (12, 512)
     predicted = head.tags(torch.from_numpy(x)).numpy()
@@ -91,7 +91,7 @@ def test_finetune_training_sees_the_tags_of_the_trained_network(fmnist_features)
     """In finetune mode the graph's concepts come from the backbone being trained, as a new image's do."""
     pixels, x = fmnist_features["pixels"][:96], fmnist_features["features"][:96]
     backbone = load_backbone(BackboneSpec("efficientnet-lite0", 64), device="cpu")
-    method = create_method("lagnh", 16, epochs=2, batch_size=32, anchors=48, lr=1e-3, backbone_lr_factor=1.0)
+    method = create_method("lagnh", 16, profile="paper", epochs=2, batch_size=32, anchors=48, lr=1e-3, backbone_lr_factor=1.0)
     head = method.fit(x, images=lambda rows: pixels[rows], backbone=backbone)
     tuned = torch.from_numpy(backbone.features(pixels))
     assert not torch.allclose(tuned, torch.from_numpy(x), atol=1e-3)

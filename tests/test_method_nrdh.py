@@ -66,7 +66,7 @@ def test_switch_and_seed(fmnist_features):
 
 
 def test_paper_profile_random_graphs(fmnist_features):
-    method = create_method("nrdh", 16, node_epochs=1, epochs=1)
+    method = create_method("nrdh", 16, profile="paper", node_epochs=1, epochs=1)
     method.fit(fmnist_features["train"][:200])
     assert method.node_representations_.shape == (200, 16)
 
@@ -86,7 +86,7 @@ STAGE1 = {"node_epochs": 2}  # the paper profile: random 10-node graphs, one gra
 @pytest.fixture(scope="module")
 def stage1_only(fmnist_features):
     """Stage 1 trained on 300 training features, stage 2 not at all (0 epochs)."""
-    method = create_method("nrdh", 32, epochs=0, **STAGE1)
+    method = create_method("nrdh", 32, profile="paper", epochs=0, **STAGE1)
     method.fit(fmnist_features["train"][:300])
     return method
 
@@ -94,7 +94,7 @@ def stage1_only(fmnist_features):
 def test_stage1_autoencoder_learns_to_reconstruct_through_the_graphs(stage1_only, fmnist_features):
     x, held_out = fmnist_features["train"][:300], fmnist_features["query"]
     # same seed: the untrained auto-encoder is the one stage 1 started from
-    untrained = create_method("nrdh", 32, node_epochs=0, epochs=0)
+    untrained = create_method("nrdh", 32, profile="paper", node_epochs=0, epochs=0)
     untrained.fit(x)
     trained = stage1_only
     terms = [epoch["reconstruction"] for epoch in trained.node_history_]
@@ -118,7 +118,7 @@ def _per_dimension_correlation(a, b):
 def test_stage2_fc_output_approaches_the_node_representations(stage1_only, fmnist_features):
     x = fmnist_features["train"][:300]
     start = stage1_only  # the hash network as stage 2 begins
-    fitted = create_method("nrdh", 32, epochs=4, **STAGE1)
+    fitted = create_method("nrdh", 32, profile="paper", epochs=4, **STAGE1)
     fitted.fit(x)
     # same seed and stage-1 settings: the same targets
     np.testing.assert_array_equal(start.node_representations_, fitted.node_representations_)

@@ -84,7 +84,7 @@ def test_even_attention_gives_half_of_each_pair_gradient():
     # plain one for the pair terms, while a code's pair with itself keeps its full derivative
     from hashindex.methods.uhga import GradientAttention
     torch.manual_seed(0)
-    method = create_method("uhga", 8)
+    method = create_method("uhga", 8, profile="paper")
     method.attention_ = GradientAttention()
     for p in method.attention_.parameters():
         torch.nn.init.zeros_(p)
@@ -103,7 +103,7 @@ def test_even_attention_gives_half_of_each_pair_gradient():
 # -- Algorithm 1: the virtual step is the optimizer's step ------------------------------------------
 def _ready(data, **params):
     """A method set up on ``data`` (head, optimizer, φ at their initial state) without training."""
-    method = create_method("uhga", 16, seed=5, **{"batch_size": 32, **params, "epochs": 0})
+    method = create_method("uhga", 16, seed=5, **{"profile": "paper", "batch_size": 32, **params, "epochs": 0})
     method.fit(data)
     return method
 
@@ -185,7 +185,7 @@ def test_lookahead_refuses_other_optimizers():
     with pytest.raises(MethodError, match="RMSprop"):
         optimizer_lookahead(torch.optim.RMSprop([p]), [p], [torch.ones(3)])
     with pytest.raises(MethodError, match="optimizer must be 'sgd' or 'adam'"):
-        create_method("uhga", 16, optimizer="rmsprop", epochs=0).fit(np.eye(4, dtype=np.float32))
+        create_method("uhga", 16, profile="paper", optimizer="rmsprop", epochs=0).fit(np.eye(4, dtype=np.float32))
 
 
 def _record_steps(monkeypatch, method):

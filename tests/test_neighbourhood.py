@@ -49,7 +49,7 @@ def itq_pair(fmnist_features):
 def test_itq_on_the_neighbourhood_embedding_beats_raw_itq(fmnist_features, itq_pair):
     raw, smoothed, _ = itq_pair
     raw_map, smoothed_map = held_out_map(raw, fmnist_features), held_out_map(smoothed, fmnist_features)
-    # measured 0.45 -> 0.52 here; manifold ranking switched off (alpha 0) or a wrong anchor lookup loses it
+    # measured 0.521 -> 0.554 here; manifold ranking switched off (alpha 0) or a wrong anchor lookup loses it
     assert smoothed_map > raw_map + 0.03, (raw_map, smoothed_map)
 
 
@@ -74,5 +74,5 @@ def test_bad_neighbourhood_settings_are_named():
         create_method("itq", 32, neighbourhood={"kk": 3})
     with pytest.raises(MethodError, match="neighbourhood"):
         create_method("uhga", 32, neighbourhood="yes")
-    with pytest.raises(MethodError, match="more than 10 training rows"):
-        create_method("itq", 8, neighbourhood=True).fit(np.random.default_rng(0).standard_normal((9, 8)))
+    with pytest.raises(MethodError, match="more than 20 training rows"):  # graph_k's default
+        create_method("itq", 8, neighbourhood=True).fit(np.random.default_rng(0).standard_normal((19, 8)))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy.stats import beta
 
 from hashindex.methods import MethodError
-from hashindex.methods.targets import (Calibrated, Cosine, ManifoldRanked, NeighbourSmoothed, bit_balance,
+from hashindex.methods.targets import (Calibrated, Cosine, ManifoldRanked, NeighbourSmoothed, bit_balance, pair_agreement,
                                        make_target, manifold_rank, mutual_knn_graph, nearest_neighbours)
 
 
@@ -123,3 +123,28 @@ def test_bit_balance_is_zero_for_balanced_independent_bits_and_not_for_copies():
     bit_balance(torch.tanh(h)).backward()
     assert torch.isfinite(h.grad).all()
     assert math.isfinite(float(bit_balance(torch.randn(64, 32))))
+
+
+def test_pair_agreement_is_the_mean_l1_gap_of_code_cosines_over_distinct_pairs():
+    h = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    target = torch.tensor([[1.0, 0.5, -1.0], [0.5, 1.0, 0.0], [-1.0, 0.0, 1.0]])
+    # code cosines: (0, 1): 0, (0, 2): −1, (1, 2): 0; the diagonal is not a pair
+    assert float(pair_agreement(h, target)) == pytest.approx((0.5 + 0.0 + 0.0) * 2 / 6)
+    assert float(pair_agreement(h, torch.tensor([[9.0, 0, -1], [0, 9, 0], [-1, 0, 9]]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_shared_terms_are_injected_by_weight_and_read_the_configured_target():
+    from hashindex.methods import create_method
+    x = torch.randn(40, 6)
+    off = create_method("ucsh", 8, profile="head-cpu")
+    on = create_method("ucsh", 8, profile="head-cpu", similarity={"name": "calibrated"},
+                       loss_weights={"pairs": 1.0, "balance": 0.5})
+    assert "pairs" not in off.config["loss_weights"] and on.config["loss_weights"]["pairs"] == 1.0
+    on.similarity_ = make_target(on.similarity_target).fit(x)
+    idx, h = torch.arange(10), torch.randn(10, 8).tanh()
+    terms = on.shared_terms(idx, h)
+    assert set(terms) == {"pairs", "balance"}
+    assert torch.equal(terms["pairs"], pair_agreement(h, on.similarity_(idx)))
+    assert off.shared_terms(idx, h) == {}
+    with pytest.raises(MethodError, match="unknown loss terms"):
+        create_method("ucsh", 8, loss_weights={"pair": 1.0})
