@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     e2e_rows = database[:QUICK_E2E_IMAGES] if args.quick else database
     commit = machine_info()["git_commit"]
 
-    results = []
+    results, stem = [], None
     for bits in args.bits:
         for method in methods:
             params, capped = method_params(method, bits, args)
@@ -237,11 +237,19 @@ def main(argv=None) -> int:
             if e2e:
                 row["end_to_end"] = e2e
             results.append(row)
+            stem = write_results(results, args, argv, wall, spec)  # after every row: an interrupted run keeps its rows
             print(f"{row_name(row):>20} {bits:>3} bits  mAP@all {row['map@all']:.4f}  mAP@1000 {row['map@1000']:.4f}  "
                   f"P@r2 {row['precision@r2']:.4f}  train {row['train_seconds']:.1f} s (+{memory.added:.0f} MB)"
                   + (f"  encode {encode_seconds:.2f} s" if encode_seconds is not None else "")
                   + (f"  end to end {e2e['seconds']:.0f} s" if e2e else ""), flush=True)
 
+    print(markdown_table(results) + f"\nwritten: {stem}.json, .md and PNG plots "
+          f"({(time.perf_counter() - wall) / 60:.1f} min)")
+    return 0
+
+
+def write_results(results: list[dict], args, argv, wall: float, spec) -> str:
+    """Merge ``results`` into the results file, rewrite its markdown and plots; returns the file stem."""
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"compare_{args.image_size}px" + ("_quick" if args.quick else ""))
     command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -258,7 +266,9 @@ def main(argv=None) -> int:
     order = {m: i for i, m in enumerate(ORDER)}
     merged = sorted(kept + results, key=lambda r: (r.get("mode", "head") != "head", r["bits"],
                                                    order.get(r["method"], 99), r.get("label", "")))
-    record.update({"commands": record["commands"] + [command],
+    if record["commands"][-1:] != [command]:  # written after every row: the command once
+        record["commands"].append(command)
+    record.update({
                    "protocol": "fashion-mnist, seed 0: 1000 queries (test split), 5000 training (train split), "
                                "69000 database", "backbone": spec.to_dict(), "image_size": args.image_size,
                    "epoch_caps": BENCH_EPOCHS, "finetune_epochs": FINETUNE_EPOCHS, "machine": machine_info(),
@@ -274,9 +284,7 @@ def main(argv=None) -> int:
                 f"'capped': epochs cut below the profile's schedule (BENCH_EPOCHS); finetune rows: "
                 f"{FINETUNE_EPOCHS} epochs with the backbone training, codes encoded from images.\n\n" + table)
     plots(merged, stem, args)
-    print(markdown_table(results) + f"\nwritten: {stem}.json, .md and PNG plots "
-          f"({(time.perf_counter() - wall) / 60:.1f} min)")
-    return 0
+    return stem
 
 
 def markdown_table(results: list[dict]) -> str:
