@@ -38,7 +38,7 @@ def test_losses_match_the_equations_computed_by_hand():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 5))
     labels = np.array([3, 7, 3, 5])
-    method = create_method("dpfah", 6, adapter=[])  # the hash layer straight on x: u = xW + v
+    method = create_method("dpfah", 6, profile="paper", adapter=[])  # the hash layer straight on x: u = xW + v
     xt = torch.from_numpy(x).float()
     method.build(xt, torch.from_numpy(labels))
     with torch.no_grad():  # big enough that f(u) = clamp(u, ±1.1) clips some entries
