@@ -56,6 +56,23 @@ class FeatureSet:
     backbone: BackboneSpec | None = None  # the network that computed them (None: not recorded)
 
 
+def _cached_output(src: Source, location: str, chunk_rows: int, transform, output: tuple, attrs: dict, desc: str,
+                   client, scheduler, n_workers) -> tuple[zarr.Group, float]:
+    """The complete cache at ``location``, computing (or resuming) it with Dask first where it is not:
+    (group, seconds spent computing; 0 when read from the cache)."""
+    if os.path.isdir(location):
+        group = zarr.open_group(location, mode="r+")
+        if group.attrs.get("complete"):
+            return group, 0.0
+    started = time.perf_counter()
+    group = store.create_version(location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels, output=output,
+                                 attrs=attrs)
+    with _client(client, scheduler, n_workers) as c:
+        run_chunks(c, src, group, location, transform, desc=desc)
+    store.finish_version(group)
+    return group, time.perf_counter() - started
+
+
 def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_dir: str | None = None,
                     chunk_rows: int | None = None, client=None, scheduler=None,
                     n_workers: int | None = None) -> FeatureSet:
@@ -67,19 +84,10 @@ def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_di
     attention = f"-{spec.stem_attention}" if spec.stem_attention else ""
     location = os.path.join(cache_dir or default_cache_dir(), "features",
                             f"{spec.name}{attention}-{spec.image_size}px-{key}.zarr")
-    seconds = 0.0
-    group = None
-    if os.path.isdir(location):
-        group = zarr.open_group(location, mode="r+")
-    if group is None or not group.attrs.get("complete"):
-        started = time.perf_counter()
-        group = store.create_version(location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels,
-                                     output=("features", feature_dim(spec.name), "float16"),
-                                     attrs={"build_key": key, "backbone": spec.to_dict(), "source": src.describe()})
-        with _client(client, scheduler, n_workers) as c:
-            run_chunks(c, src, group, location, FeatureTransform(spec), desc=f"features {spec.name}{attention}")
-        store.finish_version(group)
-        seconds = time.perf_counter() - started
+    group, seconds = _cached_output(
+        src, location, chunk_rows, FeatureTransform(spec), ("features", feature_dim(spec.name), "float16"),
+        {"build_key": key, "backbone": spec.to_dict(), "source": src.describe()},
+        f"features {spec.name}{attention}", client, scheduler, n_workers)
     return FeatureSet(group["features"][:], group["valid"][:], src.ids, src.labels, location, seconds, spec)
 
 
@@ -140,21 +148,11 @@ def cached_views(source, backbone: BackboneSpec = BackboneSpec(), *, views: int 
     location = os.path.join(cache_dir or default_cache_dir(), "views",
                             f"{spec.name}{attention}-{spec.image_size}px-{views}v-{key}.zarr")
     transform = ViewTransform(spec, augment, views, seed)
-    seconds = 0.0
-    group = None
-    if os.path.isdir(location):
-        group = zarr.open_group(location, mode="r+")
-    if group is None or not group.attrs.get("complete"):
-        started = time.perf_counter()
-        group = store.create_version(location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels,
-                                     output=(transform.output, transform.width, "float16"),
-                                     attrs={"build_key": key, "backbone": spec.to_dict(), "source": src.describe(),
-                                            "views": views, "augment": augment.to_dict(), "seed": seed,
-                                            "layout": "views float16 [N, views * d], view-major"})
-        with _client(client, scheduler, n_workers) as c:
-            run_chunks(c, src, group, location, transform, desc=f"views {spec.name}{attention} x{views}")
-        store.finish_version(group)
-        seconds = time.perf_counter() - started
+    group, seconds = _cached_output(
+        src, location, chunk_rows, transform, (transform.output, transform.width, "float16"),
+        {"build_key": key, "backbone": spec.to_dict(), "source": src.describe(), "views": views,
+         "augment": augment.to_dict(), "seed": seed, "layout": "views float16 [N, views * d], view-major"},
+        f"views {spec.name}{attention} x{views}", client, scheduler, n_workers)
     flat = group[transform.output][:]
     return ViewSet(flat.reshape(len(flat), views, -1), group["valid"][:], src.ids, src.labels, location, seconds,
                    spec, augment, seed)
