@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from .catalogue import METHOD_SUMMARIES, methods_help
 from .errors import HashindexError
 
 
@@ -19,6 +20,14 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="efficientnet-lite0", help="backbone name (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="input resolution in pixels (default: %(default)s)")
     p.add_argument("--weights", help="local weights file for torchvision backbones (never downloaded)")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="folder, list file, IDX folder, CIFAR folder, 'digits', "
+                   "'fashion-mnist' (or an fsspec URL of a folder or list file)")
+    p.add_argument("--root", help="folder that a list file's paths are relative to")
+    p.add_argument("--extensions", metavar="EXT,EXT", help="folder sources: list only these file types, e.g. "
+                   "jpg,png (default: every still-image format Pillow reads, GIF's first frame included)")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -31,14 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train an encoder on a source's images")
-    p.add_argument("--method", required=True, help="hashing method, e.g. itq, lsh")
+    p = sub.add_parser("train", help="train an encoder on a source's images",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="methods (--method):\n" + methods_help() + "\n\ndeep methods (uhga dpfah nrdh lagnh "
+                              "ucsh) take --profile, --config, --epochs and --mode;\nprofiles and their settings: "
+                              "README, section 'Methods'.")
+    p.add_argument("--method", required=True, choices=tuple(METHOD_SUMMARIES), metavar="METHOD",
+                   help="hashing method: " + ", ".join(METHOD_SUMMARIES) + " (listed below)")
     p.add_argument("--bits", type=int, default=32, help="code length, a multiple of 8 (default: %(default)s)")
-    p.add_argument("--source", required=True, help="folder, list file, IDX folder, CIFAR folder, 'digits', 'fashion-mnist'")
-    p.add_argument("--root", help="folder that a list file's paths are relative to")
+    _add_source_args(p)
     p.add_argument("--sample", type=int, help="train on this many randomly drawn images (seeded)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", help="deep methods: a named parameter set of the method's config (default: the paper's)")
+    p.add_argument("--profile", help="deep methods: a named parameter set of the method's config: 'paper' (the paper's "
+                        "own settings), 'head-cpu', 'frozen' (default: the method's default_profile, 'frozen' "
+                        "for the unsupervised four, 'head-cpu' for dpfah; 'paper' in finetune mode)")
     p.add_argument("--config", help="deep methods: JSON file of parameters overriding the profile")
     p.add_argument("--epochs", type=int, help="deep methods: override the number of training epochs")
     p.add_argument("--mode", choices=("head", "finetune"), default="head",
@@ -55,16 +70,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="encode a source into a Zarr index with Dask")
     p.add_argument("--encoder", required=True, help="encoder file")
-    p.add_argument("--source", required=True)
-    p.add_argument("--root", help="folder that a list file's paths are relative to")
+    _add_source_args(p)
     p.add_argument("--out", required=True, help="index folder or fsspec URL")
     p.add_argument("--chunk-rows", type=int, help="images per task and Zarr chunk (default: 4096, fewer for small sources)")
     _add_cluster_args(p)
 
     p = sub.add_parser("update", help="bring an index up to date with its source (the nightly job)")
     p.add_argument("--encoder", required=True, help="encoder file (a different encoder re-encodes everything)")
-    p.add_argument("--source", required=True)
-    p.add_argument("--root", help="folder that a list file's paths are relative to")
+    _add_source_args(p)
     p.add_argument("--out", required=True, help="index folder or fsspec URL (created when missing)")
     p.add_argument("--keep", type=int, default=3, help="complete versions to keep (default: %(default)s)")
     p.add_argument("--chunk-rows", type=int, help="images per task for a new index (an update keeps the index's)")
@@ -122,7 +135,7 @@ def _train(args) -> None:
     from .build import train_encoder
     from .sources import open_source, read_tags
 
-    source = open_source(args.source, root=args.root)
+    source = open_source(args.source, root=args.root, extensions=args.extensions)
     if args.sample:
         if args.sample > len(source):
             raise HashindexError(f"--sample {args.sample} is more than the {len(source)} images of {args.source}")
@@ -153,7 +166,7 @@ def _encode(args) -> None:
     from .sources import open_source
 
     encoder = Encoder.load(args.encoder)
-    source = open_source(args.source, root=args.root)
+    source = open_source(args.source, root=args.root, extensions=args.extensions)
     started = time.perf_counter()
     index = encode(source, encoder, args.out, chunk_rows=args.chunk_rows, scheduler=args.scheduler,
                    n_workers=args.workers)
@@ -171,7 +184,7 @@ def _update(args) -> None:
     from .update import update
 
     encoder = Encoder.load(args.encoder)
-    source = open_source(args.source, root=args.root)
+    source = open_source(args.source, root=args.root, extensions=args.extensions)
     result = update(source, encoder, args.out, keep=args.keep, chunk_rows=args.chunk_rows,
                     scheduler=args.scheduler, n_workers=args.workers)
     if args.json:
