@@ -19,7 +19,7 @@ import fsspec
 import numpy as np
 
 from .errors import HashindexError
-from .images import IMAGE_EXTENSIONS, ImageError, decode_image
+from .images import IMAGE_EXTENSIONS, ImageError, decode_image, normalise_extensions
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -322,20 +322,26 @@ class _FileSource(Source):
 
 
 class FolderSource(_FileSource):
-    """Every image file below a folder (recursive); ids are paths relative to the folder."""
+    """Every image file below a folder (recursive); ids are paths relative to the folder.
+
+    ``extensions`` narrows the listing (default: every format in ``IMAGE_EXTENSIONS``)."""
 
     kind = "folder"
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, extensions=None):
         fs, root = fsspec.core.url_to_fs(location)
         self.location = location
+        try:
+            self.extensions = IMAGE_EXTENSIONS if extensions is None else normalise_extensions(extensions)
+        except ImageError as exc:
+            raise SourceError(f"{location}: {exc}") from None
         if not fs.isdir(root):
             raise SourceError(f"{location}: not a folder")
         listing = fs.find(root, detail=True)
         files = sorted(p for p, info in listing.items()
-                       if info.get("type") == "file" and p.lower().endswith(IMAGE_EXTENSIONS))
+                       if info.get("type") == "file" and p.lower().endswith(self.extensions))
         if not files:
-            raise SourceError(f"{location}: no image files ({', '.join(IMAGE_EXTENSIONS)}) below this folder")
+            raise SourceError(f"{location}: no image files ({', '.join(self.extensions)}) below this folder")
         root = root.rstrip("/")
         self._set_files(fs, files, [p[len(root) + 1:] for p in files])
         self._listing = [(p, listing[p].get("size"), _mtime(listing[p])) for p in files]
@@ -449,17 +455,23 @@ def read_tags(path: str, ids) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- recognition
-def open_source(spec: "str | Source", *, root: str | None = None) -> Source:
+def open_source(spec: "str | Source", *, root: str | None = None, extensions=None) -> Source:
     """Turn a location into a :class:`Source`, recognising its kind.
 
     ``digits`` → sklearn digits; ``fashion-mnist`` → Debian's dataset-fashion-mnist; a folder with
     IDX files → :class:`IdxSource`; a folder with CIFAR batches → :class:`CifarSource`; any other
-    folder → :class:`FolderSource`; a text file → :class:`ListFileSource`. fsspec URLs work for
-    folders and list files.
+    folder → :class:`FolderSource` (``extensions`` narrows its listing, e.g. ``".jpg,.png"``); a
+    text file → :class:`ListFileSource`. fsspec URLs work for folders and list files.
     """
     if isinstance(spec, Source):
         return spec
-    spec = str(spec)
+    source = _open_source(str(spec), root, extensions)
+    if extensions is not None and not isinstance(source, FolderSource):
+        raise SourceError(f"{spec}: extensions apply to folder sources; this is a {source.kind} source")
+    return source
+
+
+def _open_source(spec: str, root: str | None, extensions) -> Source:
     if spec in ("digits", "sklearn:digits"):
         return DigitsSource()
     if spec == "fashion-mnist":
@@ -477,7 +489,7 @@ def open_source(spec: "str | Source", *, root: str | None = None) -> Source:
                 return IdxSource(path)
             if "data_batch_1" in names or "test_batch" in names or "cifar-10-batches-py" in names:
                 return CifarSource(path)
-        return FolderSource(spec)
+        return FolderSource(spec, extensions=extensions)
     if path.endswith(("-images-idx3-ubyte", "-images-idx3-ubyte.gz")):
         return IdxSource(os.path.dirname(path))
     if path.lower().endswith(IMAGE_EXTENSIONS):

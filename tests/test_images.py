@@ -107,3 +107,34 @@ def test_other_formats(fmt, photo):
     small = Image.fromarray(photo).resize((64, 48))
     out = decode_image(encode(small, fmt))
     assert out.shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "GIF"])
+def test_still_formats_pillow_reads(fmt, photo):
+    small = Image.fromarray(photo).resize((64, 48))
+    out = decode_image(encode(small, fmt))
+    assert out.shape == (48, 64, 3) and out.std() > 20
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    out = decode_image(data)
+    assert out.shape == (16, 16, 3) and out[..., 0].min() > 200 and out[..., 2].max() < 50
+
+
+def corrupt_lzw_tiff() -> bytes:
+    """A TIFF whose LZW strip holds codes libtiff has not seen: libtiff reports an error itself."""
+    rng = np.random.default_rng(0)
+    data = bytearray(encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "TIFF",
+                            compression="tiff_lzw"))
+    data[18:68] = b"\xff" * 50  # Pillow writes the strip right after the 8-byte header
+    return bytes(data)
+
+
+def test_libtiff_messages_go_into_the_reason_not_onto_stderr(capfd):
+    with pytest.raises(ImageError) as failure:
+        decode_image(corrupt_lzw_tiff())
+    assert "libtiff: Using code not yet in table" in str(failure.value)
+    assert capfd.readouterr().err == ""

@@ -123,3 +123,30 @@ def test_protocol_split(fmnist):
     again = protocol_split(fmnist, seed=0)
     assert all((a == b).all() for a, b in zip((queries, train, database), again))
     assert not (protocol_split(fmnist, seed=1)[0] == queries).all()
+
+
+def test_folder_lists_every_still_format_pillow_reads_and_extensions_narrow_it(tmp_path):
+    from PIL import Image
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    saved = {"a.gif": "GIF", "b.jfif": "JPEG", "c.jpe": "JPEG", "d.ppm": "PPM", "e.tga": "TGA", "f.png": "PNG"}
+    for name, fmt in saved.items():
+        picture.save(tmp_path / name, format=fmt)
+    (tmp_path / "notes.txt").write_text("not an image")
+    src = open_source(str(tmp_path))
+    assert sorted(src.ids) == sorted(saved)
+    decoded = src.read(np.arange(len(src)))
+    assert decoded.ok.all() and all(p.shape == (20, 24, 3) for p in decoded.pixels)
+    narrowed = open_source(str(tmp_path), extensions="PNG, .gif")
+    assert list(narrowed.ids) == ["a.gif", "f.png"] and narrowed.fingerprint() != src.fingerprint()
+
+
+@pytest.mark.parametrize("extensions, message", [("png,xyz", ".xyz not among the readable formats"),
+                                                 (",", "none given")])
+def test_bad_extensions_are_refused_by_name(tmp_path, extensions, message):
+    with pytest.raises(SourceError, match=message):
+        open_source(str(tmp_path), extensions=extensions)
+
+
+def test_extensions_apply_to_folders_only():
+    with pytest.raises(SourceError, match="extensions apply to folder sources; this is a digits source"):
+        open_source("digits", extensions="png")
