@@ -219,19 +219,46 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None, t
         return
     n_workers = n_workers or max(1, min(os.cpu_count() or 1, torch.cuda.device_count() or os.cpu_count() or 1))
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}):
+        # no dashboard, and its HTTP endpoint on a free port: the default 8787 warns "already in use"
+        # in every job that runs beside another
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None, silence_logs=logging.WARNING)
+                               dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                               silence_logs=logging.WARNING)
     client = Client(cluster)
     try:
         yield client
     finally:
-        # the work is written and published by now: a slow shutdown (an overloaded machine) must not
-        # turn a finished job into a failed one
+        _close_quietly(client, cluster)
+
+
+_TEARDOWN_LOGGERS = ("distributed", "tornado")
+
+
+def _silence_teardown_logs() -> None:
+    """Connection errors while a cluster closes (a heartbeat that meets a closed scheduler logs a
+    CommClosedError traceback) are expected then; a nightly log must not show them."""
+    for name in _TEARDOWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _close_quietly(client, cluster) -> None:
+    # the work is written and published by now: a slow shutdown (an overloaded machine) must not
+    # turn a finished job into a failed one, nor print tracebacks into its log
+    try:
+        client.run(_silence_teardown_logs, wait=True)
+    except Exception:  # noqa: BLE001 - workers that are already gone need no silencing
+        pass
+    levels = {name: logging.getLogger(name).level for name in _TEARDOWN_LOGGERS}
+    _silence_teardown_logs()
+    try:
         for close in (client.close, cluster.close):
             try:
                 close()
             except Exception as exc:  # noqa: BLE001 - timeouts and comm errors while tearing down
                 log.warning("Dask cluster shutdown: %s: %s", type(exc).__name__, exc)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def build_key(*parts) -> str:

@@ -161,3 +161,22 @@ def test_an_external_cluster_without_one_malloc_arena_is_warned_about(caplog, mo
             with dask_client(cluster.scheduler_address) as external:
                 assert len(external.scheduler_info()["workers"]) == 1
     assert "MALLOC_ARENA_MAX=1" in caplog.text
+
+
+def test_a_job_beside_another_cluster_starts_and_closes_without_noise(tmp_path):
+    """A cluster's console output is the job's own: no "port 8787 in use" warning when another job
+    holds it, and nothing from the teardown."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import socket\n"
+        "from hashindex.pipeline import dask_client\n"
+        "if __name__ == '__main__':\n"
+        "    other = socket.socket(); other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "    try:\n        other.bind(('', 8787)); other.listen()\n"
+        "    except OSError:\n        pass  # held by another job already: the same situation\n"
+        "    with dask_client(n_workers=2) as client:\n"
+        "        assert client.submit(sum, [1, 2]).result() == 3\n"
+        "    print('done')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "done"
+    assert run.stderr == "", run.stderr
