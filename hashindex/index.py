@@ -287,6 +287,21 @@ class Index:
         rows[found] = self._valid_rows[local[found]]
         return rows
 
+    def to_faiss(self):
+        """The searchable rows as a faiss binary index: an ``IndexBinaryIDMap`` over an
+        ``IndexBinaryFlat`` (``faiss.downcast_IndexBinary(f.index)``) whose labels are this index's
+        row positions, so its ``search`` returns what :meth:`search` returns and ``index.ids_at(I)``
+        names the images. ``hashindex.write_index(path, faiss_index, ids)`` goes the other way."""
+        import faiss
+
+        flat = faiss.IndexBinaryFlat(self.bits)
+        mapped = faiss.IndexBinaryIDMap(flat)
+        rows = (np.arange(len(self.codes), dtype=np.int64) if self._valid_rows is None
+                else self._valid_rows.astype(np.int64))
+        mapped.add_with_ids(self._searchable_codes, rows)
+        mapped.referenced_objects = [flat]  # faiss's own idiom: the map does not own the flat index
+        return mapped
+
     def ids_at(self, rows: np.ndarray) -> np.ndarray:
         """Ids of some rows, reading only their chunks (a query on a huge index needs few ids)."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -358,9 +373,37 @@ def open(path: str, *, searcher: str = "auto", table_memory: int | None = None) 
     return Index(str(path), group, version, searcher, table_memory)
 
 
-def write_index(path: str, codes: np.ndarray, ids=None, *, labels: np.ndarray | None = None,
+def codes_from_faiss(faiss_index) -> tuple[np.ndarray, np.ndarray | None]:
+    """Packed codes ``[ntotal, d/8]`` of a faiss binary index, and its int64 labels when it maps ids
+    (``IndexBinaryIDMap``; None where labels are the positions)."""
+    import faiss
+
+    labels = None
+    if isinstance(faiss_index, faiss.IndexBinaryIDMap):
+        labels = faiss.vector_to_array(faiss_index.id_map).astype(np.int64)
+        faiss_index = faiss.downcast_IndexBinary(faiss_index.index)
+    n, width = faiss_index.ntotal, faiss_index.code_size
+    if isinstance(faiss_index, faiss.IndexBinaryFlat):
+        codes = faiss.vector_to_array(faiss_index.xb).reshape(n, width)
+    else:
+        try:
+            codes = faiss_index.reconstruct_n(0, n) if n else np.zeros((0, width), np.uint8)
+        except RuntimeError as exc:
+            raise HashindexError(f"{type(faiss_index).__name__} cannot hand back its codes ({exc}); "
+                                 "export an IndexBinaryFlat or IndexBinaryIDMap of one") from None
+    return np.ascontiguousarray(codes, dtype=np.uint8), labels
+
+
+def write_index(path: str, codes, ids=None, *, labels: np.ndarray | None = None,
                 encoder: Encoder | None = None, chunk_rows: int = 65536) -> Index:
-    """Publish codes computed elsewhere as a new version of the index at ``path``."""
+    """Publish codes computed elsewhere as a new version of the index at ``path``.
+
+    ``codes`` is a uint8 array ``[n, bits/8]`` or a faiss binary index (``IndexBinaryFlat``,
+    ``IndexBinaryIDMap``, or any that reconstructs its codes); an ``IndexBinaryIDMap``'s labels
+    become the ids unless ``ids`` is given."""
+    if hasattr(codes, "ntotal") and hasattr(codes, "code_size"):  # a faiss binary index
+        codes, faiss_ids = codes_from_faiss(codes)
+        ids = faiss_ids if ids is None else ids
     codes = np.asarray(codes)
     if codes.dtype != np.uint8 or codes.ndim != 2:
         raise TypeError(f"codes must be a uint8 array [n, bits/8], got {codes.dtype} with shape {codes.shape}")

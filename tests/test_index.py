@@ -266,3 +266,49 @@ def test_cli_eval_agrees_with_the_metrics_module(tmp_path, clustered):
     result = json.loads(out.stdout)
     want = hashindex.metrics.mean_average_precision(queries.codes, codes, labels[:50], labels, topk=100)
     assert result["map@100"] == pytest.approx(want) and result["queries"] == 50
+
+
+def test_to_faiss_holds_the_searchable_rows_and_searches_alike(tmp_path, clustered):
+    import faiss
+
+    codes, _, _ = clustered
+    index = hashindex.write_index(str(tmp_path / "masked"), codes, ids=[f"img{i}" for i in range(500)])
+    group = zarr.open_group(f"{index.path}/{index.version}", mode="r+")
+    group["valid"][:] = np.arange(500) % 3 != 0  # rejected rows are not exported
+    store.finish_version(group)
+    index = hashindex.open(index.path)
+    exported = index.to_faiss()
+    flat = faiss.downcast_IndexBinary(exported.index)
+    assert isinstance(flat, faiss.IndexBinaryFlat) and exported.ntotal == index.ntotal == 333
+    kept = np.flatnonzero(np.arange(500) % 3 != 0)
+    assert (faiss.vector_to_array(exported.id_map) == kept).all()
+    assert (faiss.vector_to_array(flat.xb).reshape(-1, 8) == codes[kept]).all()
+    queries = codes[:20] ^ np.uint8(1)
+    faiss_d, faiss_rows = exported.search(queries, 10)
+    our_d, our_rows = index.search(queries, 10)
+    assert (faiss_d == our_d).all()
+    # each row is at its reported distance; below the k-th distance the two agree row for row as sets
+    # (rows tied at the k-th distance may differ in which are cut)
+    assert (np.bitwise_count(queries[:, None] ^ codes[faiss_rows]).sum(-1) == faiss_d).all()
+    for q in range(len(queries)):
+        inside = faiss_d[q] < faiss_d[q].max()
+        assert set(faiss_rows[q][inside]) == set(our_rows[q][our_d[q] < our_d[q].max()])
+    assert list(index.ids_at(faiss_rows[0])) == [f"img{r}" for r in faiss_rows[0]]
+
+
+def test_write_index_imports_a_faiss_index_both_ways_round_trip(tmp_path, clustered):
+    import faiss
+
+    codes, _, index = clustered
+    flat = faiss.IndexBinaryFlat(64)
+    flat.add(codes)
+    imported = hashindex.write_index(str(tmp_path / "from_flat"), flat)
+    assert (imported.codes == codes).all() and imported.ids[7] == "7"
+    back = hashindex.write_index(str(tmp_path / "round_trip"), index.to_faiss(), ids=index.ids)
+    assert (back.codes == index.codes).all() and (back.ids == index.ids).all()
+    hnsw = faiss.IndexBinaryHNSW(64)  # any binary index that reconstructs its codes
+    hnsw.add(codes)
+    assert (hashindex.write_index(str(tmp_path / "from_hnsw"), hnsw).codes == codes).all()
+    mapped = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(64))
+    mapped.add_with_ids(codes[:3], np.array([30, 10, 20], dtype=np.int64))
+    assert list(hashindex.write_index(str(tmp_path / "from_map"), mapped).ids) == ["30", "10", "20"]
