@@ -300,7 +300,7 @@ def encode(source, encoder: "Encoder | str", out: str, *, chunk_rows: int | None
         location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels, output=("codes", enc.bits // 8, "uint8"),
         encoder_bytes=enc.to_bytes(), stamps=src.stamps(),
         attrs={"build_key": key, "bits": enc.bits, "encoder_id": enc.id, "encoder_config": enc.config,
-               "source": src.describe(), "source_fingerprint": fingerprint})
+               "source": src.describe(), "source_spec": src.spec(), "source_fingerprint": fingerprint})
     if not group.attrs.get("complete"):
         with _client(client, scheduler, n_workers) as c:
             counts = run_chunks(c, src, group, location, CodeTransform(location), desc="encoding")

@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="numpy scan, numba linear scan, multi-index hashing (compact: ids-only tables, "
                         "less memory, slower), or chosen by cost (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show", metavar="PNG", help="write a contact sheet: per query, its image and its results' "
+                   "thumbnails with rank, distance and id (read from the index's source)")
+    p.add_argument("--source", help="with --show: where the images are, if not where the index was built from")
+    p.add_argument("--root", help="with --show and a list file --source: the folder its paths are relative to")
 
     p = sub.add_parser("info", help="describe an index")
     p.add_argument("index")
@@ -106,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("queries", help="index holding the query codes and labels")
     p.add_argument("--topk", type=int, default=1000, help="k of mAP@k besides mAP@all (default: %(default)s)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plots", metavar="DIR", help="write eval.json (every metric and curve) and, beside it, "
+                   "pr_radius.png (precision-recall over Hamming radius) and precision_at_n.png")
     return parser
 
 
@@ -243,6 +249,8 @@ def _query(args) -> None:
                "results": [{"rank": r + 1, "distance": int(d), "id": ids[int(i)], "row": int(i)}
                            for r, (d, i) in enumerate(zip(dq, rq))]}
               for name, code, (dq, rq) in zip(names, codes, results)]
+    if args.show:
+        print(f"contact sheet → {_contact_sheet(index, args, codes, report)}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -250,6 +258,46 @@ def _query(args) -> None:
         print(f"query {item['query']} (code {item['code']}): {len(item['results'])} results")
         for hit in item["results"]:
             print(f"  {hit['rank']:>4}  d={hit['distance']:<4} {hit['id']}")
+
+
+SHEET_RESULTS = 50  # thumbnails per query at most (a --radius search may return thousands)
+
+
+def _contact_sheet(index, args, codes: np.ndarray, report: list[dict]) -> str:
+    from .images import ImageError, decode_image
+    from .plots import contact_sheet
+    from .sources import SourceError, open_source, read_by_id
+
+    spec = open_source(args.source, root=args.root).spec() if args.source else index.attrs.get("source_spec")
+    if spec is None:
+        raise HashindexError(f"{args.index}: this index does not record where its images are "
+                             "(built before it did, or by write_index); give --source with --show")
+    wanted = list(dict.fromkeys(hit["id"] for item in report for hit in item["results"][:SHEET_RESULTS]))
+    if args.id:
+        wanted = list(dict.fromkeys([*args.id, *wanted]))
+    pixels = {}
+    if wanted:
+        try:
+            decoded = read_by_id(spec, wanted)
+        except (SourceError, OSError) as exc:
+            raise HashindexError(f"--show: cannot read the images of {spec.get('location')}: {exc}") from None
+        pixels = dict(zip([i for i, ok in zip(wanted, decoded.ok) if ok], decoded.pixels))
+    rows = []
+    for q, item in enumerate(report):
+        if args.image:
+            try:
+                with open(args.image[q], "rb") as f:
+                    query_pixels = decode_image(f.read())
+            except (OSError, ImageError):
+                query_pixels = None
+        else:
+            query_pixels = pixels.get(item["query"]) if args.id else None
+        label = item["query"] if not args.code else codes[q].tobytes().hex()
+        tiles = [(query_pixels, ["query", label], True)]
+        tiles += [(pixels.get(hit["id"]), [f"#{hit['rank']}  d={hit['distance']}", hit["id"]], False)
+                  for hit in item["results"][:SHEET_RESULTS]]
+        rows.append(tiles)
+    return str(contact_sheet(rows, args.show))
 
 
 def _info(args) -> None:
@@ -297,11 +345,33 @@ def _eval(args) -> None:
     summary = {"queries": int(qv.sum()), "database": int(dv.sum()), "bits": database.bits,
                "map@all": result["map@all"], f"map@{args.topk}": result[f"map@{args.topk}"],
                "precision@r2": result["precision@r2"]}
+    if args.plots:
+        from pathlib import Path
+
+        from .plots import plot_pr_curves, plot_precision_at_n
+
+        folder = Path(args.plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        label = f"{database.attrs.get('encoder_config', {}).get('method', 'codes')} {database.bits} bits"
+        (folder / "eval.json").write_text(json.dumps(
+            {**summary, "index": database.path, "queries_index": queries.path,
+             "precision@n": result["precision@n"], "pr": result["pr"]}, indent=1, default=_plain))
+        plot_pr_curves({label: result["pr"]}, folder / "pr_radius.png",
+                       f"Precision-recall over Hamming radius ({summary['queries']:,} queries)")
+        plot_precision_at_n({label: result["precision@n"]}, folder / "precision_at_n.png",
+                            f"Precision@N ({summary['queries']:,} queries)")
+        print(f"plots → {folder}/pr_radius.png, {folder}/precision_at_n.png (data: {folder}/eval.json)",
+              file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({**summary, "precision@n": result["precision@n"]}, indent=1, default=float))
     else:
         for key, value in summary.items():
             print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+
+
+def _plain(value):
+    """JSON for numpy arrays and scalars."""
+    return value.tolist() if isinstance(value, np.ndarray) else float(value)
 
 
 COMMANDS = {"train": _train, "encode": _encode, "update": _update, "query": _query, "info": _info, "eval": _eval}

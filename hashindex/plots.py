@@ -1,4 +1,5 @@
-"""PNG plots of retrieval metrics (for bench/ reports).
+"""PNG pictures: plots of retrieval metrics (bench/ reports, `hashindex eval --plots`) and contact
+sheets of search results (`hashindex query --show`).
 
 Figures are built with :class:`matplotlib.figure.Figure` directly rather than
 pyplot, so nothing touches the global backend, opens a window or leaks
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["plot_bars", "plot_grouped_bars", "plot_lines", "plot_pr_curves", "plot_precision_at_n"]
+__all__ = ["contact_sheet", "plot_bars", "plot_grouped_bars", "plot_lines", "plot_pr_curves", "plot_precision_at_n"]
 
 
 def _save(fig: Figure, path) -> Path:
@@ -154,3 +155,49 @@ def plot_grouped_bars(groups: dict, path, title: str, ylabel: str, *, logy: bool
     if series:
         ax.legend()
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- contact sheets
+SHEET_TILE = 112      # thumbnail square, pixels
+SHEET_CAPTION = 30    # two caption lines under each thumbnail
+SHEET_PAD = 4
+
+
+def contact_sheet(rows: list, path) -> Path:
+    """A grid of thumbnails with captions: one row per query, its image first, then its results.
+
+    ``rows`` holds, per query, a list of tiles ``(pixels or None, caption lines, is_query)``;
+    ``pixels`` is an ``[H, W, 3]`` uint8 array (None: drawn as a grey "no image" tile). Each tile
+    is ``SHEET_TILE`` wide and ``SHEET_TILE + SHEET_CAPTION`` high, plus ``SHEET_PAD`` around it;
+    the query's frame is blue. Written with Pillow.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = max((len(r) for r in rows), default=1)
+    cell_w, cell_h = SHEET_TILE + 2 * SHEET_PAD, SHEET_TILE + SHEET_CAPTION + 2 * SHEET_PAD
+    sheet = Image.new("RGB", (columns * cell_w, max(len(rows), 1) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for r, tiles in enumerate(rows):
+        for c, (pixels, caption, is_query) in enumerate(tiles):
+            x, y = c * cell_w + SHEET_PAD, r * cell_h + SHEET_PAD
+            if pixels is None:
+                draw.rectangle([x, y, x + SHEET_TILE - 1, y + SHEET_TILE - 1], fill=(200, 200, 200))
+                draw.text((x + 4, y + SHEET_TILE // 2 - 6), "no image", fill="black", font=font)
+            else:
+                thumb = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+                scale = SHEET_TILE / max(thumb.size)  # fit the tile, small images scaled up too
+                thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))),
+                                     Image.Resampling.BICUBIC)
+                sheet.paste(thumb, (x + (SHEET_TILE - thumb.width) // 2, y + (SHEET_TILE - thumb.height) // 2))
+            frame = (30, 90, 220) if is_query else (170, 170, 170)
+            width = 3 if is_query else 1  # drawn around the thumbnail, never over it
+            draw.rectangle([x - width, y - width, x + SHEET_TILE - 1 + width, y + SHEET_TILE - 1 + width],
+                           outline=frame, width=width)
+            for line_no, line in enumerate(caption[:2]):
+                text = line if draw.textlength(line, font=font) <= SHEET_TILE else "…" + line[-(SHEET_TILE // 7):]
+                draw.text((x, y + SHEET_TILE + 3 + 13 * line_no), text, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path

@@ -72,6 +72,11 @@ class Source:
     def describe(self) -> str:
         return f"{self.kind} {self.location} ({len(self):,} images)"
 
+    def spec(self) -> dict:
+        """Where the images are, as an index records it: :func:`read_by_id` reads them back."""
+        root = getattr(self, "root", None)  # a list file's paths may be relative to another folder
+        return {"kind": self.kind, "location": self.location, **({"root": root} if root is not None else {})}
+
 
 class SubsetSource(Source):
     """Some rows of another source, in the given order."""
@@ -96,6 +101,9 @@ class SubsetSource(Source):
 
     def describe(self) -> str:
         return f"{self.parent.describe()}, subset of {len(self):,}"
+
+    def spec(self) -> dict:
+        return self.parent.spec()
 
 
 # ----------------------------------------------------------------------------- in-memory arrays
@@ -371,6 +379,7 @@ class ListFileSource(_FileSource):
         except OSError as exc:
             raise SourceError(f"{location}: cannot read list file ({exc})") from None
         ids, labels = parse_list_file(text, location)
+        self.root = root
         base = root if root is not None else os.path.dirname(path)
         if root is not None:
             fs_root, base = fsspec.core.url_to_fs(root)
@@ -497,6 +506,31 @@ def _open_source(spec: str, root: str | None, extensions) -> Source:
     return ListFileSource(spec, root=root)
 
 
+def read_by_id(spec: dict, ids) -> Decoded:
+    """The images of some ids of a source an index recorded (``Source.spec()``), e.g. thumbnails of
+    search results. Folders and list files read the files named by the ids alone, without listing
+    the collection; in-memory datasets open and pick their rows."""
+    ids = [str(i) for i in ids]
+    kind, location = spec.get("kind"), spec.get("location")
+    if kind in ("folder", "list"):
+        fs, path = fsspec.core.url_to_fs(location)
+        if kind == "list":
+            base = spec.get("root") if spec.get("root") is not None else os.path.dirname(path)
+            fs, path = fsspec.core.url_to_fs(base) if spec.get("root") is not None else (fs, base)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        base = path.rstrip("/")
+        return _FileReader(protocol, dict(getattr(fs, "storage_options", {}) or {}),
+                           tuple(f"{base}/{i}" if base else i for i in ids))()
+    if kind not in ("idx", "cifar", "digits"):
+        raise SourceError(f"cannot read images of a {kind!r} source ({location})")
+    source = open_source("digits" if kind == "digits" else location)
+    row_of = {image_id: row for row, image_id in enumerate(source.ids)}
+    missing = [i for i in ids if i not in row_of]
+    if missing:
+        raise SourceError(f"{location}: no image with id {missing[0]!r}")
+    return source.read(np.array([row_of[i] for i in ids], dtype=np.int64))
+
+
 def _mtime(info: dict):
     return info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
 
@@ -506,5 +540,5 @@ def _stat_fingerprint(paths) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
-__all__ = ["Source", "Decoded", "SourceError", "open_source", "parse_list_file", "FolderSource",
+__all__ = ["Source", "Decoded", "SourceError", "open_source", "read_by_id", "parse_list_file", "FolderSource",
            "ListFileSource", "IdxSource", "CifarSource", "DigitsSource", "SubsetSource"]

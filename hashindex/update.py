@@ -157,7 +157,7 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
         location, ids=ids, chunk_rows=rows_per_chunk, labels=labels, output=("codes", enc.bits // 8, "uint8"),
         encoder_bytes=enc.to_bytes(), stamps=all_stamps, removed=removed,
         attrs={"build_key": key, "bits": enc.bits, "encoder_id": enc.id, "encoder_config": enc.config,
-               "source": src.describe(), "source_fingerprint": fingerprint, "base_version": current,
+               "source": src.describe(), "source_spec": src.spec(), "source_fingerprint": fingerprint, "base_version": current,
                "update": {"added": int(len(added)), "changed": int(len(redo_rows)), "removed": int(len(d.gone))}})
     if not group.attrs.get("complete"):
         plan = _plan(total, rows_per_chunk, positions, source_rows)

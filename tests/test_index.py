@@ -312,3 +312,22 @@ def test_write_index_imports_a_faiss_index_both_ways_round_trip(tmp_path, cluste
     mapped = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(64))
     mapped.add_with_ids(codes[:3], np.array([30, 10, 20], dtype=np.int64))
     assert list(hashindex.write_index(str(tmp_path / "from_map"), mapped).ids) == ["30", "10", "20"]
+
+
+def test_cli_eval_plots_write_the_curves_beside_the_json(tmp_path, clustered):
+    from PIL import Image
+
+    codes, labels, index = clustered
+    queries = hashindex.write_index(str(tmp_path / "q"), codes[:50] ^ np.uint8(4), labels=labels[:50])
+    out = subprocess.run([sys.executable, "-m", "hashindex.cli", "eval", index.path, queries.path, "--plots",
+                          str(tmp_path / "plots")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "plots" / "eval.json").read_text())
+    assert saved["queries"] == 50 and len(saved["pr"]["precision"]) == 65 and saved["precision@n"]
+    blue = np.array([0x1F, 0x77, 0xB4])  # matplotlib's first cycle colour: one curve each, so no second
+    orange = np.array([0xFF, 0x7F, 0x0E])
+    for name in ("pr_radius.png", "precision_at_n.png"):
+        picture = np.asarray(Image.open(tmp_path / "plots" / name).convert("RGB")).astype(int)
+        assert picture.shape[0] >= 400 and picture.shape[1] >= 600
+        near = lambda colour: (np.abs(picture - colour).sum(-1) < 30).sum()  # noqa: E731
+        assert near(blue) > 200 and near(orange) == 0, name

@@ -180,3 +180,31 @@ def test_a_job_beside_another_cluster_starts_and_closes_without_noise(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "done"
     assert run.stderr == "", run.stderr
+
+
+def test_cli_query_show_writes_a_contact_sheet_of_the_results(trained, image_folder, tmp_path):
+    from PIL import Image
+
+    from hashindex.plots import SHEET_CAPTION, SHEET_PAD, SHEET_TILE
+
+    index = trained["index"]
+    assert index.attrs["source_spec"] == {"kind": "folder", "location": image_folder["path"]}
+    query = os.path.join(image_folder["path"], image_folder["ids"][3])
+    sheet = tmp_path / "sheet.png"
+    out = _cli("query", index.path, "--image", query, "-k", "4", "--show", str(sheet))
+    assert out.returncode == 0, out.stderr
+    picture = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
+    cell_w, cell_h = SHEET_TILE + 2 * SHEET_PAD, SHEET_TILE + SHEET_CAPTION + 2 * SHEET_PAD
+    assert picture.shape == (cell_h, 5 * cell_w, 3)  # one row: the query and its 4 results
+
+    def thumbnail(c):  # the image area of tile c
+        return picture[SHEET_PAD:SHEET_PAD + SHEET_TILE, c * cell_w + SHEET_PAD:c * cell_w + SHEET_PAD + SHEET_TILE]
+
+    # Fashion-MNIST's 28 px images are scaled up 4x into the 112 px tiles: the query tile is its image
+    want = np.asarray(Image.open(query).convert("RGB").resize((SHEET_TILE, SHEET_TILE), Image.Resampling.BICUBIC)).astype(int)
+    assert np.abs(thumbnail(0) - want).mean() < 8
+    # the first result is the query itself (distance 0); every result tile holds a picture
+    assert np.abs(thumbnail(1) - want).mean() < 8
+    assert all(thumbnail(c).std() > 20 for c in range(1, 5))
+    by_id = _cli("query", index.path, "--id", *image_folder["ids"][:2], "-k", "2", "--show", str(tmp_path / "two.png"))
+    assert by_id.returncode == 0 and Image.open(tmp_path / "two.png").size == (3 * cell_w, 2 * cell_h)
