@@ -20,4 +20,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import hashindex, torch, faiss, zarr, numba, dask.distributed" \
     || { echo "setup: installation failed" >&2; exit 1; }
+# the search kernels compile once here (~50 s on 2 cores) into numba's cache, not in a user's first search
+.venv/bin/python -m hashindex.search || echo "setup: search kernels not precompiled; they compile on first use" >&2
 echo "setup: ready (.venv)"

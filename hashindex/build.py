@@ -307,7 +307,7 @@ def encode(source, encoder: "Encoder | str", out: str, *, chunk_rows: int | None
         summary = store.finish_version(group)
         log.info("encoded %s: %s in %.1f s", location, {**counts, **summary}, time.perf_counter() - started)
     store.write_pointer(str(out), version)
-    return open_index(out)
+    return open_index(out, warm=False)
 
 
 def encode_images(encoder: Encoder, paths: list[str]) -> np.ndarray:

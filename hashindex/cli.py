@@ -226,7 +226,7 @@ def _query(args) -> None:
         raise HashindexError(f"-k must be at least 1, got {args.k}")
     if args.radius is not None and args.radius < 0:
         raise HashindexError(f"--radius must be 0 or more, got {args.radius}")
-    index = open_index(args.index, searcher=args.searcher)
+    index = open_index(args.index, searcher=args.searcher, warm=False)  # one-off: nothing to warm
     if args.code:
         names, codes = args.code, parse_hex_codes(args.code, index.bits)
     elif args.id:
@@ -303,7 +303,7 @@ def _contact_sheet(index, args, codes: np.ndarray, report: list[dict]) -> str:
 def _info(args) -> None:
     from .index import open as open_index
 
-    index = open_index(args.index)
+    index = open_index(args.index, warm=False)
     info = index.info()
     rejects = index.rejects
     if args.json:
@@ -333,7 +333,7 @@ def _eval(args) -> None:
     from . import metrics
     from .index import open as open_index
 
-    database, queries = open_index(args.index), open_index(args.queries)
+    database, queries = open_index(args.index, warm=False), open_index(args.queries, warm=False)
     for name, idx in (("database", database), ("queries", queries)):
         if idx.labels is None:
             raise HashindexError(f"{idx.path}: the {name} index has no labels to evaluate with")

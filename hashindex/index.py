@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import threading
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -33,8 +34,14 @@ MIH_MIN_SPEEDUP = 1.5
 # Compact tables (m int32 ids a code: 2-3x 64-bit codes) fit that default; the 2-6x faster copied ones
 # (m x (code + id): 6-8x) mostly do not, so a process stays near the size of its codes unless its user
 # gives the tables more.
-TABLE_MEMORY_RATIO = 4
+TABLE_MEMORY_RATIO = 8
 MIH_MEMORY_SHARE = 0.5
+# Below this many 64-bit words of codes the numpy scan answers in well under a millisecond a query,
+# so open() starts no background work (a process of tiny indexes never imports numba).
+WARM_MIN_WORDS = 1 << 18
+# Background mode: plan MIH once the scans have spent this long answering and seen this many queries.
+WARM_PLAN_SECONDS = 0.5
+WARM_PLAN_QUERIES = 8
 # Queries (with their k-th distances) kept from the scan's answers for mih.plan.
 PLAN_QUERIES = 32
 # A fresh process spends ~0.5 s importing numba and loading the linear scan's compiled kernels before
@@ -53,7 +60,7 @@ class Index:
     """
 
     def __init__(self, path: str, group, version: str | None, searcher: str = "auto",
-                 table_memory: int | None = None):
+                 table_memory: int | None = None, warm: bool = False):
         if searcher not in SEARCHERS:
             raise HashindexError(f"searcher must be one of {', '.join(SEARCHERS)}, got {searcher!r}")
         if table_memory is not None and (isinstance(table_memory, bool) or not isinstance(table_memory, int)
@@ -69,6 +76,47 @@ class Index:
         # recent queries answered by a scan and their k-th distances, for the plan
         self._seen_queries = np.zeros((0, self.bits // 8), dtype=np.uint8)
         self._seen_kth = np.zeros(0, dtype=np.int32)
+        # background mode (open's warm): kernels load and MIH tables build on threads while the
+        # numpy scan answers; the foreground never waits for either
+        self._kernels_ready: threading.Event | None = None
+        self._planner: threading.Thread | None = None
+        if warm and searcher == "auto":
+            words = int(self.attrs.get("valid", 0) or 0) * -(-self.bits // 64)
+            if words >= WARM_MIN_WORDS:
+                self._searchable_codes  # noqa: B018 - read once here, not by two threads at once
+                self._kernels_ready = threading.Event()
+                threading.Thread(target=self._load_kernels, name="hashindex-kernels", daemon=True).start()
+
+    # -- background preparation -------------------------------------------------------------------
+    def _load_kernels(self) -> None:
+        """Build the numba scan and run it once: loads its compiled kernels (compiles them on a
+        fresh install, once, into numba's cache)."""
+        try:
+            scan = LinearScan(self._searchable_codes)
+            scan.search(self._searchable_codes[:1], 1)
+            self.__dict__["_linear"] = scan
+        except Exception:  # noqa: BLE001 - the numpy scan goes on answering; say why it stays
+            logger.warning("%s: loading the search kernels failed; the numpy scan answers", self.path,
+                           exc_info=True)
+        finally:
+            self._kernels_ready.set()
+
+    def _plan_and_build(self) -> None:
+        """Plan MIH on the queries seen so far and, if it pays and fits, build its tables; the scans
+        answer until the tables are ready."""
+        try:
+            self._make_plan()
+            layout = ("copied" if self._plan.speedup >= MIH_MIN_SPEEDUP and self._tables_fit("copied") else
+                      "compact" if self._plan.compact_speedup >= MIH_MIN_SPEEDUP and self._tables_fit("compact")
+                      else None)
+            if layout is not None:
+                from .mih import MultiIndexHashing
+                m = self._plan.m if layout == "copied" else self._plan.compact_m
+                self._mih = MultiIndexHashing(self._searchable_codes, m=m, layout=layout)
+                self.__dict__.pop("_linear", None)  # one searcher's memory at a time
+                logger.info("%s: MIH (%s, m=%d) answers from now on", self.path, layout, m)
+        except Exception:  # noqa: BLE001 - the scan goes on answering
+            logger.warning("%s: building MIH in the background failed; the scan answers", self.path, exc_info=True)
 
     # -- arrays --------------------------------------------------------------------------------
     def _read(self, name: str) -> np.ndarray:
@@ -163,6 +211,8 @@ class Index:
         the data and its memory budget make it pay (by default compact tables on learned codes; the
         copied ones on 10M random 64-bit codes once given ~600 MB).
         """
+        if self._kernels_ready is not None:
+            return self._choose_in_background(nqueries)
         if self._searcher_choice != "auto":
             return self._searcher_choice
         if self._mih is not None:
@@ -182,6 +232,27 @@ class Index:
         if kernels_ready or spent + numpy_seconds > KERNEL_LOAD_SECONDS:
             return "linear"
         return "numpy"
+
+    def _choose_in_background(self, nqueries: int) -> str:
+        """Background mode: the numpy scan until the kernels are loaded, then the numba scan, then
+        MIH once its tables, planned and built on a thread, are ready."""
+        mih = self._mih
+        if mih is not None:
+            return "mih-compact" if mih.layout == "compact" else "mih"
+        if (self._searcher_choice == "auto" and self._planner is None and self._kernels_ready.is_set()
+                and self._scan_seconds >= WARM_PLAN_SECONDS and len(self._seen_kth) >= WARM_PLAN_QUERIES):
+            self._planner = threading.Thread(target=self._plan_and_build, name="hashindex-mih", daemon=True)
+            self._planner.start()
+        return "linear" if self._kernels_ready.is_set() and "_linear" in self.__dict__ else "numpy"
+
+    def wait_until_prepared(self, timeout: float | None = None) -> str:
+        """Block until the background preparation is done (kernels loaded; MIH built if it was
+        planned); returns what answers now. Tests and benchmarks use it; searches never wait."""
+        if self._kernels_ready is not None:
+            self._kernels_ready.wait(timeout)
+        if self._planner is not None:
+            self._planner.join(timeout)
+        return self._choose(1)
 
     def _mih_setup_seconds(self) -> float:
         from .mih import default_m  # numba is loaded by now: the linear scan answered
@@ -246,7 +317,7 @@ class Index:
         if choice == "numpy":
             return self._numpy
         if choice == "linear":
-            return self._linear
+            return self.__dict__.get("_linear") or self._linear
         if self._mih is None:
             from .mih import MultiIndexHashing
             layout = "compact" if choice == "mih-compact" else "copied"
@@ -353,7 +424,8 @@ def _count(queries) -> int:
     return 1 if len(shape) < 2 else int(shape[0])
 
 
-def open(path: str, *, searcher: str = "auto", table_memory: int | None = None) -> Index:  # noqa: A001 - like zarr.open
+def open(path: str, *, searcher: str = "auto", table_memory: int | None = None,  # noqa: A001 - like zarr.open
+         warm: bool = True) -> Index:
     """Open the published version of the index at ``path`` (a folder or fsspec URL).
 
     ``searcher``: ``"numpy"`` (plain numpy scan, nothing to load), ``"linear"`` (numba popcount
@@ -364,13 +436,19 @@ def open(path: str, *, searcher: str = "auto", table_memory: int | None = None) 
     tables would not fit in memory; see :meth:`Index._choose`). All give identical results.
 
     ``table_memory``: the most bytes ``"auto"`` may give MIH tables, beside the codes; by default
-    :data:`TABLE_MEMORY_RATIO` times the packed codes, and never more than half the memory available
-    when it decides. At 10M 64-bit codes the codes take 76 MB, compact tables ~190 MB (fit the default)
-    and the copied ones ~570 MB (pass e.g. ``table_memory=2**30`` for them: on random codes they are
-    5x the scan where compact ones lose to it); ``table_memory=0`` keeps a process at its codes.
+    :data:`TABLE_MEMORY_RATIO` (8) times the packed codes, and never more than half the memory
+    available when it decides. That admits the fast copied tables at 64 bits (10M 64-bit codes: 76 MB
+    of codes, ~570 MB of copied tables, 5x the scan on random codes, where the compact ones lose to
+    it), the choice of a user with memory to spare; ``table_memory=0`` keeps a process at its codes.
+
+    ``warm`` (default True; with ``"auto"``, on indexes above :data:`WARM_MIN_WORDS` words): open
+    loads the numba kernels on a background thread (compiling them once into numba's cache on a
+    fresh install) while the numpy scan answers, and, once the scans have answered a few queries,
+    plans MIH and builds its tables on another thread; a search never waits for either.
+    ``hashindex query`` (one query, then exit) opens with ``warm=False``.
     """
     group, version = store.open_group(str(path))
-    return Index(str(path), group, version, searcher, table_memory)
+    return Index(str(path), group, version, searcher, table_memory, warm)
 
 
 def codes_from_faiss(faiss_index) -> tuple[np.ndarray, np.ndarray | None]:

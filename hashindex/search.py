@@ -306,3 +306,28 @@ def hamming_distances(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
     words = _bitops.words_per_code(codes.shape[1])
     tiles = _bitops.pack_tiles(codes)
     return _bitops.distance_matrix(tiles, words, n, _bitops.pack_rows(queries), _block_tiles(words))
+
+
+def compile_kernels() -> float:
+    """Compile every numba kernel of the searchers into numba's on-disk cache (``cache=True``), so
+    that no later search pays a first-time compile; ``setup.sh`` runs it once after installing
+    (``python -m hashindex.search``). Returns the seconds it took (near zero when already cached)."""
+    import time
+
+    from .mih import MultiIndexHashing
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    for nbytes in (8, 16):  # 64- and 128-bit codes take the same kernels; both shapes are warmed
+        codes = rng.integers(0, 256, (4096, nbytes), dtype=np.uint8)
+        queries = codes[:3]
+        for engine in (LinearScan(codes), MultiIndexHashing(codes, layout="copied"),
+                       MultiIndexHashing(codes, layout="compact")):
+            engine.search(queries, 5)
+            engine.search(queries[0], 5)
+            engine.radius_search(queries, 3)
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    print(f"hashindex: search kernels compiled and cached in {compile_kernels():.1f} s")

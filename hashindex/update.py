@@ -128,7 +128,7 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
     rows = BaseRows.read(base)
     d = diff(rows, src.ids, stamps)
     if d.empty:
-        index = open_index(out)
+        index = open_index(out, warm=False)
         return _finish(UpdateResult("unchanged", index, unchanged=len(src)), out, keep, started)
 
     count, rows_per_chunk = int(base.attrs["count"]), int(base.attrs["chunk_rows"])
@@ -167,7 +167,7 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
         store.finish_version(group)
         log.info("updated %s from %s: %s", location, current, counts)
     store.write_pointer(out, version)
-    index = open_index(out)
+    index = open_index(out, warm=False)
     rejected = int((~index.valid[positions]).sum())
     result = UpdateResult("updated", index, added=len(added), changed=len(redo_rows), removed=len(d.gone),
                           unchanged=int((d.base_rows >= 0).sum() - len(redo_rows)), rejected=rejected)

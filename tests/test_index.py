@@ -331,3 +331,31 @@ def test_cli_eval_plots_write_the_curves_beside_the_json(tmp_path, clustered):
         assert picture.shape[0] >= 400 and picture.shape[1] >= 600
         near = lambda colour: (np.abs(picture - colour).sum(-1) < 30).sum()  # noqa: E731
         assert near(blue) > 200 and near(orange) == 0, name
+
+
+def test_open_warms_the_kernels_and_builds_mih_in_the_background(tmp_path, monkeypatch):
+    from hashindex import index as index_module
+
+    rng = np.random.default_rng(5)
+    centres = rng.integers(0, 256, (64, 8), dtype=np.uint8)  # learned-like: clustered codes, MIH pays
+    codes = centres[rng.integers(0, 64, 300_000)] ^ np.packbits(rng.random((300_000, 64)) < 0.03, axis=1)
+    path = str(tmp_path / "big")
+    hashindex.write_index(path, codes, chunk_rows=1 << 17)
+    queries = codes[rng.choice(len(codes), 40, replace=False)] ^ np.uint8(2)
+    want = hashindex.open(path, searcher="linear").search(queries, 10)
+
+    monkeypatch.setattr(index_module, "WARM_PLAN_SECONDS", 0.0)  # plan as soon as 8 queries were seen
+    index = hashindex.open(path)
+    assert index._kernels_ready is not None  # above WARM_MIN_WORDS: preparing on threads
+    first = [index.search(q, 10) for q in queries[:8]]  # answered at once, by whichever scan is ready
+    assert index.wait_until_prepared(timeout=120) == "linear"
+    rest = [index.search(q, 10) for q in queries[8:]]  # the numba scan answers; the planner starts
+    final = index.wait_until_prepared(timeout=120)
+    assert final in ("mih", "mih-compact"), final
+    after = index.search(queries, 10)
+    got_d = np.concatenate([d for d, _ in first + rest])
+    got_i = np.concatenate([i for _, i in first + rest])
+    for d, i in ((got_d, got_i), after):
+        assert (d == want[0]).all() and (i == want[1]).all()
+    small = hashindex.write_index(str(tmp_path / "small"), codes[:1000])
+    assert hashindex.open(small.path)._kernels_ready is None  # tiny: the numpy scan is enough
