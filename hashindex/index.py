@@ -39,9 +39,13 @@ MIH_MEMORY_SHARE = 0.5
 # Below this many 64-bit words of codes the numpy scan answers in well under a millisecond a query,
 # so open() starts no background work (a process of tiny indexes never imports numba).
 WARM_MIN_WORDS = 1 << 18
-# Background mode: plan MIH once the scans have spent this long answering and seen this many queries.
-WARM_PLAN_SECONDS = 0.5
+# Background mode: plan MIH once the scans have seen this many queries (and, rent or buy, spent as
+# long answering as planning and building would take).
 WARM_PLAN_QUERIES = 8
+# Background mode: start loading the kernels once the numpy scan has spent this long answering. The
+# import competes with the scan for the GIL and the cores (~0.5-0.7 s at 10M codes on 2 cores), so
+# a process asking a handful of queries is better off never starting it.
+WARM_KERNELS_AFTER_SECONDS = 0.2
 # Queries (with their k-th distances) kept from the scan's answers for mih.plan.
 PLAN_QUERIES = 32
 # A fresh process spends ~0.5 s importing numba and loading the linear scan's compiled kernels before
@@ -79,13 +83,12 @@ class Index:
         # background mode (open's warm): kernels load and MIH tables build on threads while the
         # numpy scan answers; the foreground never waits for either
         self._kernels_ready: threading.Event | None = None
+        self._loader: threading.Thread | None = None
         self._planner: threading.Thread | None = None
         if warm and searcher == "auto":
             words = int(self.attrs.get("valid", 0) or 0) * -(-self.bits // 64)
             if words >= WARM_MIN_WORDS:
-                self._searchable_codes  # noqa: B018 - read once here, not by two threads at once
                 self._kernels_ready = threading.Event()
-                threading.Thread(target=self._load_kernels, name="hashindex-kernels", daemon=True).start()
 
     # -- background preparation -------------------------------------------------------------------
     def _load_kernels(self) -> None:
@@ -239,8 +242,12 @@ class Index:
         mih = self._mih
         if mih is not None:
             return "mih-compact" if mih.layout == "compact" else "mih"
-        if (self._searcher_choice == "auto" and self._planner is None and self._kernels_ready.is_set()
-                and self._scan_seconds >= WARM_PLAN_SECONDS and len(self._seen_kth) >= WARM_PLAN_QUERIES):
+        if self._loader is None and self._scan_seconds >= WARM_KERNELS_AFTER_SECONDS:
+            # not before: a few queries are answered sooner without the import running beside them
+            self._loader = threading.Thread(target=self._load_kernels, name="hashindex-kernels", daemon=True)
+            self._loader.start()
+        if (self._planner is None and self._kernels_ready.is_set() and len(self._seen_kth) >= WARM_PLAN_QUERIES
+                and self._scan_seconds >= self._mih_setup_seconds()):
             self._planner = threading.Thread(target=self._plan_and_build, name="hashindex-mih", daemon=True)
             self._planner.start()
         return "linear" if self._kernels_ready.is_set() and "_linear" in self.__dict__ else "numpy"
@@ -248,7 +255,7 @@ class Index:
     def wait_until_prepared(self, timeout: float | None = None) -> str:
         """Block until the background preparation is done (kernels loaded; MIH built if it was
         planned); returns what answers now. Tests and benchmarks use it; searches never wait."""
-        if self._kernels_ready is not None:
+        if self._kernels_ready is not None and self._loader is not None:
             self._kernels_ready.wait(timeout)
         if self._planner is not None:
             self._planner.join(timeout)
@@ -441,10 +448,11 @@ def open(path: str, *, searcher: str = "auto", table_memory: int | None = None, 
     of codes, ~570 MB of copied tables, 5x the scan on random codes, where the compact ones lose to
     it), the choice of a user with memory to spare; ``table_memory=0`` keeps a process at its codes.
 
-    ``warm`` (default True; with ``"auto"``, on indexes above :data:`WARM_MIN_WORDS` words): open
-    loads the numba kernels on a background thread (compiling them once into numba's cache on a
-    fresh install) while the numpy scan answers, and, once the scans have answered a few queries,
-    plans MIH and builds its tables on another thread; a search never waits for either.
+    ``warm`` (default True; with ``"auto"``, on indexes above :data:`WARM_MIN_WORDS` words): once
+    the numpy scan has answered for :data:`WARM_KERNELS_AFTER_SECONDS`, the numba kernels load on a background thread (compiled once into numba's
+    cache on a fresh install) while the numpy scan answers, and once the scans have spent as long
+    answering as MIH's set-up would take, MIH is planned and built on another thread; a search
+    never waits for either.
     ``hashindex query`` (one query, then exit) opens with ``warm=False``.
     """
     group, version = store.open_group(str(path))

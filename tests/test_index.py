@@ -344,10 +344,12 @@ def test_open_warms_the_kernels_and_builds_mih_in_the_background(tmp_path, monke
     queries = codes[rng.choice(len(codes), 40, replace=False)] ^ np.uint8(2)
     want = hashindex.open(path, searcher="linear").search(queries, 10)
 
-    monkeypatch.setattr(index_module, "WARM_PLAN_SECONDS", 0.0)  # plan as soon as 8 queries were seen
+    monkeypatch.setattr(index_module.Index, "_mih_setup_seconds", lambda self: 0.0)  # plan after 8 queries
+    monkeypatch.setattr(index_module, "WARM_KERNELS_AFTER_SECONDS", 0.0)  # load after the first answer
     index = hashindex.open(path)
     assert index._kernels_ready is not None  # above WARM_MIN_WORDS: preparing on threads
     first = [index.search(q, 10) for q in queries[:8]]  # answered at once, by whichever scan is ready
+    assert first and index._loader is not None  # the kernels load once the first answer is out
     assert index.wait_until_prepared(timeout=120) == "linear"
     rest = [index.search(q, 10) for q in queries[8:]]  # the numba scan answers; the planner starts
     final = index.wait_until_prepared(timeout=120)
