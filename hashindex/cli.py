@@ -30,6 +30,13 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                    "jpg,png (default: every still-image format Pillow reads, GIF's first frame included)")
 
 
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="the backbone's arithmetic (default: the encoder's own, fp32 unless set): bf16 on a CPU "
+                        "with native bfloat16 (~1.7x faster here) or a GPU, fp16 on a GPU. Part of the "
+                        "encoder's id, so indexes of different precisions are never mixed")
+
+
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
     p.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
@@ -73,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_source_args(p)
     p.add_argument("--out", required=True, help="index folder or fsspec URL")
     p.add_argument("--chunk-rows", type=int, help="images per task and Zarr chunk (default: 4096, fewer for small sources)")
+    _add_precision_arg(p)
     _add_cluster_args(p)
 
     p = sub.add_parser("update", help="bring an index up to date with its source (the nightly job)")
@@ -82,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="complete versions to keep (default: %(default)s)")
     p.add_argument("--chunk-rows", type=int, help="images per task for a new index (an update keeps the index's)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    _add_precision_arg(p)
     _add_cluster_args(p)
 
     p = sub.add_parser("query", help="search an index")
@@ -172,6 +181,8 @@ def _encode(args) -> None:
     from .sources import open_source
 
     encoder = Encoder.load(args.encoder)
+    if args.precision:
+        encoder = encoder.with_precision(args.precision)
     source = open_source(args.source, root=args.root, extensions=args.extensions)
     started = time.perf_counter()
     index = encode(source, encoder, args.out, chunk_rows=args.chunk_rows, scheduler=args.scheduler,
@@ -190,6 +201,8 @@ def _update(args) -> None:
     from .update import update
 
     encoder = Encoder.load(args.encoder)
+    if args.precision:
+        encoder = encoder.with_precision(args.precision)
     source = open_source(args.source, root=args.root, extensions=args.extensions)
     result = update(source, encoder, args.out, keep=args.keep, chunk_rows=args.chunk_rows,
                     scheduler=args.scheduler, n_workers=args.workers)

@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import HashindexError
-from .backbones import Backbone, BackboneSpec, default_device, load_backbone
+from .backbones import PRECISIONS, Backbone, BackboneError, BackboneSpec, default_device, load_backbone
 
 ENCODER_FORMAT_VERSION = 1
 ENCODE_BLOCK_ROWS = 4096
@@ -74,9 +74,14 @@ class Encoder:
     def __init__(self, *, method: str, bits: int, backbone: BackboneSpec, head: nn.Module,
                  training: dict[str, Any] | None = None, device: torch.device | str | None = None,
                  backbone_state: dict[str, torch.Tensor] | None = None,
-                 training_arrays: dict[str, np.ndarray] | None = None):
+                 training_arrays: dict[str, np.ndarray] | None = None, precision: str = "fp32"):
         if bits % 8:
             raise EncoderError(f"bits must be a multiple of 8, got {bits}")
+        if precision not in PRECISIONS:
+            raise EncoderError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # the backbone's arithmetic: part of the config, so encoders (and the indexes they build) at
+        # different precisions have different ids and are never mixed
+        self.precision = precision
         self.method, self.bits, self.backbone_spec = method, int(bits), backbone
         self.head = head.eval()
         self.training = training or {}
@@ -104,6 +109,8 @@ class Encoder:
         }
         if self.finetuned:
             config["tuned_backbone"] = {"tensors": _BACKBONE_PREFIX}
+        if self.precision != "fp32":  # absent at fp32, so encoders written before keep their ids
+            config["precision"] = self.precision
         return config
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -118,11 +125,28 @@ class Encoder:
         return _content_id(self.config, self._tensors())
 
     # -- encoding ------------------------------------------------------------------------------
+    def with_precision(self, precision: str) -> "Encoder":
+        """This encoder computing its backbone at ``precision`` ("fp32", "bf16" or "fp16"): a new
+        encoder with its own id (the head stays float)."""
+        if precision == self.precision:
+            return self
+        from .backbones import check_precision
+        try:  # refused here, not in every worker: a precision this machine does not compute natively
+            check_precision(precision, self._device or default_device())
+        except BackboneError as exc:
+            raise EncoderError(str(exc)) from None
+        return Encoder(method=self.method, bits=self.bits, backbone=self.backbone_spec, head=self.head,
+                       training=self.training, device=self._device, backbone_state=self.backbone_state,
+                       training_arrays=self.training_arrays, precision=precision)
+
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.backbone_spec, device=self._device or default_device(),
-                                           state=self.backbone_state)
+            try:
+                self._backbone = load_backbone(self.backbone_spec, device=self._device or default_device(),
+                                               state=self.backbone_state, precision=self.precision)
+            except BackboneError as exc:
+                raise EncoderError(f"encoder {self.id}: {exc}") from None
             self.head.to(self._backbone.device)
         return self._backbone
 
@@ -194,7 +218,8 @@ class Encoder:
         enc = cls(method=config["method"], bits=config["bits"], backbone=BackboneSpec(**spec),
                   head=head, training=meta.get("training"), device=device,
                   backbone_state=backbone_state if tuned is not None else None,
-                  training_arrays={k: v.numpy() for k, v in prefixed(_TRAINING_PREFIX).items()})
+                  training_arrays={k: v.numpy() for k, v in prefixed(_TRAINING_PREFIX).items()},
+                  precision=config.get("precision", "fp32"))
         # a legacy fine-tuned file is checked against the config it was written with; loaded, it has
         # the id of today's layout (same network, same weights: same codes)
         if enc.id != meta["id"] and not (legacy and _content_id(config, enc._tensors()) == meta["id"]):
@@ -214,8 +239,9 @@ class Encoder:
     def __repr__(self) -> str:
         tuned = ", fine-tuned" if self.finetuned else ""
         attention = f"+{self.backbone_spec.stem_attention}" if self.backbone_spec.stem_attention else ""
+        precision = "" if self.precision == "fp32" else f", {self.precision}"
         return (f"Encoder(method={self.method!r}, bits={self.bits}, backbone={self.backbone_spec.name!r}{attention}@"
-                f"{self.backbone_spec.image_size}px{tuned}, id={self.id})")
+                f"{self.backbone_spec.image_size}px{tuned}{precision}, id={self.id})")
 
 
 def _content_id(config: dict, tensors: dict[str, torch.Tensor]) -> str:

@@ -196,3 +196,45 @@ def test_a_finetuned_encoder_file_of_the_old_layout_still_loads(sample):
     broken = json.dumps({"config": {**config, "bits": 16}, "id": "0" * 16})
     with pytest.raises(EncoderError, match="does not match its id"):
         Encoder.from_bytes(st_save(tensors, metadata={"hashindex_encoder": broken}))
+
+
+def _itq_encoder(sample) -> Encoder:
+    head = create_method("itq", 32).fit(sample["train"])
+    return Encoder(method="itq", bits=32, backbone=BackboneSpec("efficientnet-lite0", 64), head=head)
+
+
+def _bit_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return 1.0 - float(np.unpackbits(a ^ b).mean())
+
+
+def test_the_channels_last_encode_path_agrees_with_the_eager_forward(sample):
+    encoder = _itq_encoder(sample)
+    pixels = sample["pixels"][:500]
+    fast = encoder.encode_pixels(pixels)
+    backbone = encoder.backbone
+    assert backbone.net.model._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    eager = create_backbone("efficientnet-lite0", image_size=64)
+    eager.net.to(memory_format=torch.contiguous_format)  # the default layout, as before the fast path
+    with torch.inference_mode():
+        plain = np.concatenate([eager.net(eager.preprocess(pixels[i:i + 256])).numpy() for i in range(0, 500, 256)])
+    assert _bit_agreement(fast, encoder.encode_features(plain)) >= 0.9999
+
+
+def test_precision_is_part_of_the_encoder_and_refused_where_not_native(sample, tmp_path):
+    encoder = _itq_encoder(sample)
+    with pytest.raises(EncoderError, match="fp16 runs on a GPU only"):
+        encoder.with_precision("fp16")
+    with pytest.raises(EncoderError, match="precision must be one of fp32, bf16, fp16"):
+        Encoder(method="itq", bits=32, backbone=BackboneSpec(), head=encoder.head, precision="int4")
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.raises(EncoderError, match="no native bfloat16"):
+            encoder.with_precision("bf16")
+        pytest.skip("this CPU has no native bfloat16: the bf16 path is not run here")
+    reduced = encoder.with_precision("bf16")
+    assert reduced.id != encoder.id and reduced.config["precision"] == "bf16" and "precision" not in encoder.config
+    loaded = Encoder.load(reduced.save(tmp_path / "bf16.encoder"))
+    assert loaded.id == reduced.id and loaded.precision == "bf16"
+    pixels = sample["pixels"][:500]
+    full, half = encoder.encode_pixels(pixels), loaded.encode_pixels(pixels)
+    assert 0.99 <= _bit_agreement(full, half) < 1.0  # reduced, so not identical; close, so usable
+    assert (loaded.encode_pixels(pixels[:7]) == half[:7]).all()  # still per image, batch-independent
