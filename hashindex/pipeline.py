@@ -131,6 +131,23 @@ def worker_device() -> torch.device:
         return device
 
 
+def _warm_worker(spec: dict, precision: str, batch: int) -> None:
+    """Import torch, build the backbone and run one batch: a worker's first task then pays none of
+    it (the weights reload in the task's own encoder, in milliseconds; oneDNN keeps its kernels)."""
+    backbone = load_backbone(BackboneSpec(**spec), device=worker_device(), precision=precision)
+    size = backbone.spec.image_size
+    backbone.features(np.zeros((batch, size, size, 3), np.uint8), batch_size=batch)
+
+
+def warm_workers(client, encoder: Encoder, batch: int = 256) -> None:
+    """Start :func:`_warm_worker` on every worker and return at once: a job lists and diffs its
+    source in the client meanwhile, so the workers' start-up no longer adds to it."""
+    try:
+        client.run(_warm_worker, encoder.backbone_spec.to_dict(), encoder.precision, batch, wait=False)
+    except Exception as exc:  # noqa: BLE001 - a worker that cannot warm up will load in its first task
+        log.debug("warming the workers: %s: %s", type(exc).__name__, exc)
+
+
 @dataclass(frozen=True)
 class ChunkTask:
     """One task's rows: Zarr chunk ``chunk`` spans rows ``[start, stop)`` of the version. ``positions``
@@ -244,8 +261,8 @@ def _silence_teardown_logs() -> None:
 def _close_quietly(client, cluster) -> None:
     # the work is written and published by now: a slow shutdown (an overloaded machine) must not
     # turn a finished job into a failed one, nor print tracebacks into its log
-    try:
-        client.run(_silence_teardown_logs, wait=True)
+    try:  # logging.disable pickles by reference to the standard library: no worker imports anything
+        client.run(logging.disable, logging.CRITICAL, wait=True)
     except Exception:  # noqa: BLE001 - workers that are already gone need no silencing
         pass
     levels = {name: logging.getLogger(name).level for name in _TEARDOWN_LOGGERS}
