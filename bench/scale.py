@@ -200,7 +200,7 @@ def same_index(a_path: str, b_path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- one size
-def measure(n: int, root: Path, encoder: str, work: Path) -> dict:
+def measure(n: int, root: Path, encoder: str, work: Path, fresh: bool = True, resume: bool = True) -> dict:
     import hashindex
 
     folder = build_collection(root / f"{n}", n)
@@ -249,12 +249,16 @@ def measure(n: int, root: Path, encoder: str, work: Path) -> dict:
     shutil.copytree(index, updated)
     run = cli("update", "--encoder", encoder, "--source", str(changed), "--out", updated, "--workers", "2", "--json")
     counts = json.loads(run["stdout"][run["stdout"].index("{"):])
-    fresh = str(work / "fresh.index")
-    cli("encode", "--encoder", encoder, "--source", str(changed), "--out", fresh, "--workers", "2")
     record["update"] = {"seconds": run["seconds"], "share_of_encode": round(run["seconds"] / record["encode"]["seconds"], 4),
                         "added": counts["added"], "changed": counts["changed"], "removed": counts["removed"],
-                        "client_mb": run["client_mb"], **same_index(updated, fresh)}
+                        "client_mb": run["client_mb"]}
+    if fresh:
+        fresh_index = str(work / "fresh.index")
+        cli("encode", "--encoder", encoder, "--source", str(changed), "--out", fresh_index, "--workers", "2")
+        record["update"].update(same_index(updated, fresh_index))
     print(json.dumps({"files": n, "update": record["update"]}), flush=True)
+    if not resume:
+        return record
 
     # crash at ~60 % and resume
     resumed = str(work / "resumed.index")
@@ -283,19 +287,21 @@ def train_encoder(path: Path) -> str:
 
 
 def markdown(payload: dict) -> str:
-    lines = [f"`{payload['command']}` on {payload['machine']}: ITQ 32 bits, 64 px, 2-worker LocalCluster, the CLI "
+    lines = [f"`python bench/scale.py` on {payload['machine']}: ITQ 32 bits, 64 px, 2-worker LocalCluster, the CLI "
              "as a user runs it. Update: after 1 % new, 1 % modified, 1 % deleted files (targets: ≤ 6 % of the "
              "full encode at 100k, ≤ 3 % at 1M). Resume: SIGKILL at ~60 % of the tasks, rerun (target ≤ 1.1×).", "",
              "| files | listing s | fingerprint s | encode s | img/s | tasks | index MB | client MB | worker MB | "
              "update s | update / encode | update = fresh encode | resume total / uninterrupted | resumed = uninterrupted |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
-        e, u, c = r["encode"], r["update"], r["resume"]
-        same = u["missing"] == 0 and u["codes_equal"] and u["valid_equal"] and u["tombstones_equal"]
+        e, u, c = r["encode"], r["update"], r.get("resume")
+        same = ("not run" if "missing" not in u else "yes" if u["missing"] == 0 and u["codes_equal"]
+                and u["valid_equal"] and u["tombstones_equal"] else "**no**")
+        resumed = ("not run", "not run") if c is None else (f"{c['total_over_uninterrupted']:.2f}×",
+                                                              "yes" if c["identical"] else "**no**")
         lines.append(f"| {r['files']:,} | {r['listing_s']} | {r['fingerprint_s']} | {e['seconds']} | {e['img_s']} | "
                      f"{e['tasks']} | {e['index_mb']} | {e['client_mb']} | {' / '.join(map(str, e['worker_mb']))} | "
-                     f"{u['seconds']} | {u['share_of_encode']:.1%} | {'yes' if same else '**no**'} | "
-                     f"{c['total_over_uninterrupted']:.2f}× | {'yes' if c['identical'] else '**no**'} |")
+                     f"{u['seconds']} | {u['share_of_encode']:.1%} | {same} | {resumed[0]} | {resumed[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -305,19 +311,26 @@ def main(argv=None) -> int:
     default_root = Path(os.environ.get("HASHINDEX_CACHE", Path.home() / ".cache" / "hashindex")) / "bench" / "scale"
     ap.add_argument("--root", type=Path, default=default_root)
     ap.add_argument("--out", default=str(HERE / "results" / "scale"))
+    ap.add_argument("--no-fresh", action="store_true", help="skip the fresh encode the update is compared with")
+    ap.add_argument("--no-resume", action="store_true", help="skip the crash-and-resume runs")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from machine import machine_info
 
     encoder = train_encoder(args.root / "itq32.encoder")
-    rows = []
+    out = Path(args.out)
+    # rows of other sizes already measured are kept: a size can be (re)measured alone
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    rows = [r for r in previous.get("rows", []) if r["files"] not in args.sizes]
     for n in args.sizes:
         with tempfile.TemporaryDirectory(dir=args.root) as work:
-            rows.append(measure(n, args.root, encoder, Path(work)))
+            record = measure(n, args.root, encoder, Path(work), fresh=not args.no_fresh, resume=not args.no_resume)
+            record["command"] = "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            rows.append(record)
+    rows.sort(key=lambda r: r["files"])
     info = machine_info()
-    payload = {"command": "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    payload = {"command": "python bench/scale.py [--sizes N …] (each row records its own)",
                "machine": f"{info.get('cpu', '?')}, {info.get('cores', os.cpu_count())} cores", "rows": rows}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     out.with_suffix(".md").write_text(markdown(payload))
