@@ -131,23 +131,6 @@ def worker_device() -> torch.device:
         return device
 
 
-def _warm_worker(spec: dict, precision: str, batch: int) -> None:
-    """Import torch, build the backbone and run one batch: a worker's first task then pays none of
-    it (the weights reload in the task's own encoder, in milliseconds; oneDNN keeps its kernels)."""
-    backbone = load_backbone(BackboneSpec(**spec), device=worker_device(), precision=precision)
-    size = backbone.spec.image_size
-    backbone.features(np.zeros((batch, size, size, 3), np.uint8), batch_size=batch)
-
-
-def warm_workers(client, encoder: Encoder, batch: int = 256) -> None:
-    """Start :func:`_warm_worker` on every worker and return at once: a job lists and diffs its
-    source in the client meanwhile, so the workers' start-up no longer adds to it."""
-    try:
-        client.run(_warm_worker, encoder.backbone_spec.to_dict(), encoder.precision, batch, wait=False)
-    except Exception as exc:  # noqa: BLE001 - a worker that cannot warm up will load in its first task
-        log.debug("warming the workers: %s: %s", type(exc).__name__, exc)
-
-
 @dataclass(frozen=True)
 class ChunkTask:
     """One task's rows: Zarr chunk ``chunk`` spans rows ``[start, stop)`` of the version. ``positions``

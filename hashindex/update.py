@@ -28,7 +28,7 @@ from .build import _client, encode
 from .encoder import Encoder
 from .index import Index
 from .index import open as open_index
-from .pipeline import ChunkTask, CodeTransform, build_key, run_chunks, warm_workers
+from .pipeline import ChunkTask, CodeTransform, build_key, run_chunks
 from .sources import open_source
 
 log = logging.getLogger(__name__)
@@ -111,25 +111,18 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
            client=None, scheduler: str | None = None, n_workers: int | None = None) -> UpdateResult:
     """Bring the index at ``out`` up to date with ``source`` (see the module docstring)."""
     started = time.perf_counter()
+    src = open_source(source)
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
     out = str(out).rstrip("/")
     if keep < 1:
         raise store.StoreError(f"keep must be at least 1, got {keep}")
-    # the cluster starts first and its workers load the backbone while this process lists and diffs
-    # the source: an update of 2 % of the images is then mostly its re-encoding
-    with _client(client, scheduler, n_workers) as c:
-        warm_workers(c, enc)
-        src = open_source(source)
-        base, current = store.open_group(out) if store.read_pointer(out) is not None else (None, None)
-        if base is None or base.attrs.get("encoder_id") != enc.id:
-            index = encode(src, enc, out, chunk_rows=chunk_rows, client=c)
-            result = UpdateResult("created" if current is None else "reencoded", index, added=len(src),
-                                  rejected=int(index.attrs.get("rejected", 0)))
-            return _finish(result, out, keep, started)
-        return _update(src, enc, out, base, current, keep, started, c)
+    base, current = store.open_group(out) if store.read_pointer(out) is not None else (None, None)
+    if base is None or base.attrs.get("encoder_id") != enc.id:
+        index = encode(src, enc, out, chunk_rows=chunk_rows, client=client, scheduler=scheduler, n_workers=n_workers)
+        result = UpdateResult("created" if current is None else "reencoded", index, added=len(src),
+                              rejected=int(index.attrs.get("rejected", 0)))
+        return _finish(result, out, keep, started)
 
-
-def _update(src, enc: Encoder, out: str, base, current: str, keep: int, started: float, c) -> UpdateResult:
     base_location = f"{out}/{current}"
     stamps = src.stamps()
     rows = BaseRows.read(base)
@@ -168,8 +161,9 @@ def _update(src, enc: Encoder, out: str, base, current: str, keep: int, started:
                "update": {"added": int(len(added)), "changed": int(len(redo_rows)), "removed": int(len(d.gone))}})
     if not group.attrs.get("complete"):
         plan = _plan(total, rows_per_chunk, positions, source_rows)
-        counts = run_chunks(c, src, group, location, CodeTransform(location), plan=plan, base=base_location,
-                            desc="updating")
+        with _client(client, scheduler, n_workers) as c:
+            counts = run_chunks(c, src, group, location, CodeTransform(location), plan=plan, base=base_location,
+                                desc="updating")
         store.finish_version(group)
         log.info("updated %s from %s: %s", location, current, counts)
     store.write_pointer(out, version)
