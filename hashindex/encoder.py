@@ -24,7 +24,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import HashindexError
-from .backbones import PRECISIONS, Backbone, BackboneError, BackboneSpec, default_device, load_backbone
+from .backbones import (PRECISIONS, Backbone, BackboneError, BackboneSpec, check_precision, default_device,
+                        load_backbone)
 
 ENCODER_FORMAT_VERSION = 1
 ENCODE_BLOCK_ROWS = 4096
@@ -130,7 +131,6 @@ class Encoder:
         encoder with its own id (the head stays float)."""
         if precision == self.precision:
             return self
-        from .backbones import check_precision
         try:  # refused here, not in every worker: a precision this machine does not compute natively
             check_precision(precision, self._device or default_device())
         except BackboneError as exc:

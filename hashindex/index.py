@@ -325,7 +325,7 @@ class Index:
         if choice == "numpy":
             return self._numpy
         if choice == "linear":
-            return self.__dict__.get("_linear") or self._linear
+            return self._linear  # the background loader's scan, once it has cached one
         if self._mih is None:
             from .mih import MultiIndexHashing
             layout = "compact" if choice == "mih-compact" else "copied"
