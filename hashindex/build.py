@@ -234,6 +234,11 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
             raise MethodError(f"{len(tags)} rows of tags for the {len(src)} images of {src.describe()}")
         fit_args["tags"] = np.asarray(tags)[rows]
     tuned = None
+    if hasher.uses_views and mode == "head":
+        # the shared views term: V augmented views of each training image, through the same network
+        views = cached_views(src, spec, views=hasher.view_count, seed=seed, cache_dir=cache_dir, client=client,
+                             scheduler=scheduler, n_workers=n_workers)
+        fit_args["views"] = views.views[rows].astype(np.float32)
     if mode == "finetune":
         tuned = load_backbone(spec, device=training_device())
         fit_args.update(images=functools.partial(_training_pixels, src, rows), backbone=tuned)

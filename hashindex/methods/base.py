@@ -59,6 +59,7 @@ class HashMethod:
     can_finetune: ClassVar[bool] = False
     stem_attention: ClassVar[str | None] = None  # module finetune mode puts after the backbone's stem
     profile: str = "paper"
+    uses_views: ClassVar[bool] = False  # trains a term on augmented views (deep methods: the ``views`` term)
 
     def __init__(self, bits: int, *, seed: int = 0, neighbourhood: bool | dict | None = None):
         self.bits, self.seed = int(bits), int(seed)
@@ -66,8 +67,13 @@ class HashMethod:
         from .neighbourhood import neighbourhood_params  # (neighbourhood.py imports MethodError from here)
         neighbourhood_params(neighbourhood)  # a bad spec fails here, before any feature is computed
 
-    def fit(self, features: np.ndarray, labels: np.ndarray | None = None, *, images=None, backbone=None) -> nn.Module:
+    def fit(self, features: np.ndarray, labels: np.ndarray | None = None, *, images=None, backbone=None,
+            views: np.ndarray | None = None) -> nn.Module:
         """Train on ``features`` (one row per training image); returns the head.
+
+        ``views``: features ``[n, V, d]`` of ``V`` augmented views of each training image (the frozen
+        backbone's, :func:`hashindex.build.cached_views`), for a method whose profile weights the
+        ``views`` term; they go through the neighbourhood embedding as the features do.
 
         Finetune mode: ``backbone`` (a :class:`~hashindex.backbones.Backbone`, trained in place) and
         ``images`` (a callable from row positions of ``features`` to those images' decoded pixels)
@@ -88,6 +94,14 @@ class HashMethod:
             raise MethodError(f"{self.name}: training features contain NaN or infinity")
         if self.needs_labels and labels is None:
             raise MethodError(f"{self.name} is supervised: the training source has no labels")
+        if views is not None:
+            views = np.asarray(views, dtype=np.float32)
+            if not self.uses_views:
+                raise MethodError(f"{self.name}: views given, but no term of this profile uses them "
+                                  "(weight the shared 'views' term, e.g. loss_weights={'views': 0.1})")
+            if views.ndim != 3 or views.shape[0] != len(features) or views.shape[2] != features.shape[1]:
+                raise MethodError(f"{self.name}: views must be [n, V, d] for {features.shape} features, "
+                                  f"got shape {views.shape}")
         from .neighbourhood import NeighbourhoodEmbedding, neighbourhood_params
         spec = neighbourhood_params(self.neighbourhood)
         if spec is not None:
@@ -96,6 +110,10 @@ class HashMethod:
                                   "its anchors are features of the frozen backbone")
             self.neighbourhood_ = NeighbourhoodEmbedding(**spec, seed=self.seed).fit(torch.from_numpy(features))
             features = self.neighbourhood_.transform(torch.from_numpy(features)).numpy()
+            if views is not None:  # a view is embedded as its own image would be
+                flat = self.neighbourhood_.transform(torch.from_numpy(views.reshape(-1, views.shape[2])))
+                views = flat.numpy().reshape(len(features), views.shape[1], -1)
+        self.view_features_ = None if views is None else torch.from_numpy(views)
         self.head_ = self._fit(features, labels)
         if spec is not None:  # the encoder embeds each image the way training did
             self.head_ = self.neighbourhood_.wrap(self.head_)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .base import HashMethod, MethodError
 from .neighbourhood import neighbourhood_params
-from .targets import bit_balance, make_target, pair_agreement
+from .targets import bit_balance, make_target, pair_agreement, view_contrast
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -36,9 +36,11 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 # parameters every deep method reads, whether or not its profiles set them
 GENERIC_PARAMS = {"epochs", "lr", "batch_size", "weight_decay", "loss_weights", "backbone_lr_factor", "similarity",
-                  "neighbourhood"}
+                  "neighbourhood", "view_count", "view_temperature"}
 # loss terms every deep method offers on top of its paper's (targets.py); off unless a profile weights them
-SHARED_TERMS = ("balance", "pairs")
+SHARED_TERMS = ("balance", "pairs", "views")
+# the views term's defaults: views cached per training image, NT-Xent temperature (CIBHash's)
+VIEW_COUNT, VIEW_TEMPERATURE = 8, 0.3
 
 
 def load_config(name: str) -> dict:
@@ -134,6 +136,11 @@ class DeepHashMethod(HashMethod):
         """Unweighted loss terms for one mini-batch (``idx`` are the rows of the training set)."""
         raise NotImplementedError
 
+    def relaxed_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The relaxed codes of a batch of inputs, as the method's loss sees them (the ``views`` term
+        runs augmented views through this); a method whose codes are not its head's output overrides it."""
+        return self.head_(x)
+
     def parameters_to_train(self) -> list[nn.Parameter]:
         return list(self.head_.parameters())
 
@@ -180,16 +187,29 @@ class DeepHashMethod(HashMethod):
         """The configured pair target (``similarity``; None: the method's own, as its paper defines it)."""
         return self.config.get("similarity")
 
+    @property
+    def uses_views(self) -> bool:
+        return bool(self.config["loss_weights"].get("views"))
+
+    @property
+    def view_count(self) -> int:
+        return int(self.config.get("view_count", VIEW_COUNT))
+
     def shared_terms(self, idx: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         """The shared terms a profile switches on, on the relaxed codes of training rows ``idx``:
-        ``balance`` (bit balance and decorrelation) and ``pairs`` (the codes' cosines against the
-        configured similarity target, SDC's L1 fit)."""
+        ``balance`` (bit balance and decorrelation), ``pairs`` (the codes' cosines against the
+        configured similarity target, SDC's L1 fit) and ``views`` (NT-Xent between the codes and
+        those of one cached augmented view of each row, drawn per row and step)."""
         weights = self.config["loss_weights"]
         terms = {}
         if weights.get("balance"):
             terms["balance"] = bit_balance(codes)
         if weights.get("pairs"):
             terms["pairs"] = pair_agreement(codes, self.similarity_(idx))
+        if weights.get("views"):
+            pick = torch.randint(self.view_features_.shape[1], (len(idx),), generator=self.view_generator_)
+            view_codes = self.relaxed_codes(self.view_features_[idx.cpu(), pick].to(codes.device))
+            terms["views"] = view_contrast(codes, view_codes, float(self.config.get("view_temperature", VIEW_TEMPERATURE)))
         return terms
 
     def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -210,6 +230,14 @@ class DeepHashMethod(HashMethod):
         device = training_device()
         x = torch.from_numpy(features).to(device)
         self.reference_ = x
+        if self.uses_views:
+            if self.finetuning:
+                raise MethodError(f"{self.name}: the views term is for head mode (its views are features of the "
+                                  "frozen backbone); finetune without it")
+            if self.view_features_ is None:
+                raise MethodError(f"{self.name}: the views term needs augmented views of the training images "
+                                  "(fit(..., views=[n, V, d]); train_encoder computes them with cached_views)")
+            self.view_generator_ = torch.Generator().manual_seed(self.seed + 1)
         # pair targets come from the pretrained features, like every paper's similarity
         self.similarity_ = make_target(self.similarity_target or "cosine").fit(x)
         if self.finetuning:

@@ -193,10 +193,14 @@ class DPFAH(DeepHashMethod):
         return _optimizer(self.config.get("optimizer", "rmsprop"), params, float(self.lr),
                           float(self.config.get("weight_decay", 0.0)))
 
+    def relaxed_codes(self, x):
+        return relax(self.hash_layer_(self.trunk_((x.float() - self.shift_) / self.scale_)),
+                     float(self.config.get("delta", 1.1)))
+
     def loss_terms(self, idx, x, y):
         phi = self.trunk_((x.float() - self.shift_) / self.scale_)
         u = self.hash_layer_(phi)
-        fu = relax(u, float(self.config.get("delta", 1.1)))
+        fu = relax(u, float(self.config.get("delta", 1.1)))  # relaxed_codes, with φ kept for the classifier
         s = label_similarity(y)
         return {"pairwise": pairwise_nll(fu, s),
                 "quantization": quantization_regulation(u, fu),

@@ -342,6 +342,9 @@ class LAGNH(DeepHashMethod):
         return head.propagate(head.attend(x, concepts), concepts, anchor_xt, self.anchor_concepts_, degree,
                               anchor_xw, anchor_hidden, sigma2)
 
+    def relaxed_codes(self, x):
+        return self._forward(x)
+
     def loss_terms(self, idx, x, y):
         z = self._forward(x)
         targets = self.tags_[idx]

@@ -209,3 +209,16 @@ def pair_agreement(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     hn = F.normalize(h, dim=1)
     off = ~torch.eye(len(h), dtype=torch.bool, device=h.device)
     return ((hn @ hn.T - target)[off]).abs().mean()
+
+
+# ----------------------------------------------------------------------------- augmented views
+def view_contrast(codes: torch.Tensor, view_codes: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
+    """NT-Xent between the relaxed codes of ``B`` images and those of one augmented view of each
+    (CIBHash, τ = 0.3): each of the ``2B`` codes must pick its partner out of the other ``2B − 1`` by
+    cosine / τ. Low when a view keeps its image's code and other images' codes differ from it."""
+    n = len(codes)
+    both = F.normalize(torch.cat([codes, view_codes]), dim=1)
+    logits = both @ both.T / float(temperature)
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=codes.device), float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(codes.device)
+    return F.cross_entropy(logits, partner)

@@ -176,11 +176,14 @@ class UCSH(DeepHashMethod):
         self.similarity_threshold_ = 1.0 - 2.0 * self.distance_threshold_
 
     # -- loss ----------------------------------------------------------------------------------
+    def relaxed_codes(self, x):
+        return 2.0 * torch.sigmoid(self.head_.net[2:](self.adapt(x))) - 1.0
+
     def loss_terms(self, idx, x, y):
         features = self.adapt(x)
         logits = self.head_.net[2:](features)
         prob = torch.sigmoid(logits)
-        relaxed = 2.0 * prob - 1.0
+        relaxed = 2.0 * prob - 1.0  # relaxed_codes, with the features and logits kept for the other terms
         if self.stochastic_codes:
             hard = torch.where(torch.rand_like(prob) < prob, 1.0, -1.0)
         else:
