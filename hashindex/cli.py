@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, help="train on this many randomly drawn images (seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="deep methods: a named parameter set of the method's config: 'paper' (the paper's "
-                        "own settings), 'head-cpu', 'frozen' (default: the method's default_profile, 'frozen' "
-                        "for the unsupervised four, 'head-cpu' for dpfah; 'paper' in finetune mode)")
+                        "own settings), 'head-cpu', 'frozen' (default: the method's default_profile, 'frozen'; "
+                        "'paper' in finetune mode)")
     p.add_argument("--config", help="deep methods: JSON file of parameters overriding the profile")
     p.add_argument("--epochs", type=int, help="deep methods: override the number of training epochs")
     p.add_argument("--mode", choices=("head", "finetune"), default="head",
