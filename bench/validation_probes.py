@@ -16,11 +16,18 @@ an image and of one of its 8 cached views) at weights 0, 0.02 and 0.1, scored as
 the held-out images (measured 0.642, 0.646, 0.635: within noise or worse, so no default weights it).
 DPFAH's default (``frozen``) measured 0.769 → 0.743 with views as extra samples.
 
+``--ceiling``: instead, why no unsupervised code reaches 1.25x ITQ: mAP of float cosine ranking (no
+hashing) on the raw features and on the neighbourhood embedding, beside 32-bit ITQ on each, then the
+variants of the embedding that were tried (spectral embedding of the training graph, PCA whitening
+before the graph, anchors that include the augmented views, view-averaged anchor graph) and codes
+learned from pseudo-labels (k-means of the embedding, DPFAH's default trained on them), all scored as
+held-out queries among the held-out images.
+
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among
 the held-out images (both unseen, as the protocol's database mostly is) and among the training rows.
 
-    python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views]
+    python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views | --ceiling]
 """
 from __future__ import annotations
 
@@ -44,7 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--dpfah", action="store_true", help="the DPFAH views probe only")
     parser.add_argument("--uhga-views", action="store_true", help="UHGA's default with the shared views term only")
+    parser.add_argument("--ceiling", action="store_true", help="float-ranking ceilings and the embedding variants tried")
     args = parser.parse_args(argv)
+    if args.ceiling:
+        return ceiling(args.split_seed)
     if args.dpfah:
         return dpfah_views(args.split_seed)
     if args.uhga_views:
@@ -122,6 +132,78 @@ def main(argv=None) -> int:
         diffused = manifold_rank(averaged, 20, 0.95, 3.0).float()
         print(f"itq, anchor graph on {n_views} views averaged", itq_on(lambda a: embed(a, anchors, diffused, 10)),
               flush=True)
+    return 0
+
+
+def float_map(q: torch.Tensor, labels: np.ndarray) -> float:
+    """mAP@all of each row's ranking of the other rows by float cosine (no hashing, no ties)."""
+    sims = F.normalize(q.double(), dim=1) @ F.normalize(q.double(), dim=1).T
+    sims.fill_diagonal_(-np.inf)
+    order = sims.argsort(1, descending=True)[:, :-1].numpy()
+    relevant = labels[order] == labels[:, None]
+    precision = relevant.cumsum(1) / np.arange(1, relevant.shape[1] + 1)
+    return round(float(np.mean((precision * relevant).sum(1) / np.maximum(relevant.sum(1), 1))), 4)
+
+
+def ceiling(split_seed: int) -> int:
+    from hashindex.methods.targets import mutual_knn_graph
+
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    spec = BackboneSpec("efficientnet-lite0", 64)
+    x = torch.from_numpy(hashindex.cached_features(source.subset(train), spec).features.astype(np.float32))
+    views = torch.from_numpy(cached_views(source.subset(train), spec, views=8).views.astype(np.float32))
+    labels = source.labels[train]
+    rng = np.random.default_rng(split_seed)
+    held = np.sort(rng.choice(len(x), 1000, replace=False))
+    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    xt, lh = x[fit_rows], labels[held]
+
+    def report(name, transform):
+        head = create_method("itq", 32).fit(transform(xt).numpy())
+        with torch.no_grad():
+            codes = np.packbits((head(transform(x[held]).double()) >= 0).numpy().astype(np.uint8), axis=1)
+        itq = evaluate(codes, codes, lh, lh, topks=(None,))["map@all"]
+        print(f"{name}: float cosine {float_map(transform(x[held]), lh)}, 32-bit ITQ {itq:.4f}", flush=True)
+
+    report("raw features", lambda a: a)
+    nb = NeighbourhoodEmbedding().fit(xt)
+    report("neighbourhood embedding (default)", nb.transform)
+    anchors = F.normalize(xt, dim=1)
+    graph = mutual_knn_graph(xt, nb.graph_k, nb.power).to_dense().double()
+    eigenvalues, vectors = torch.linalg.eigh(graph)
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+    for m in (64, 128):  # (I − αS)⁻¹ restricted to the top m eigenvectors, α = 0.99
+        spectral = (vectors[:, :m] / (1 - 0.99 * eigenvalues[:m])).float()
+        report(f"spectral embedding, top {m} eigenvectors", lambda a: embed(a, anchors, spectral, nb.k))
+    mean = xt.mean(0)
+    _, singular, basis = torch.linalg.svd((xt - mean).double(), full_matrices=False)
+    variance = singular ** 2 / len(xt)
+    whiten = basis[:128].T / (variance[:128] + 0.1 * variance[0]).sqrt()
+    white = lambda a: ((a.double() - mean.double()) @ whiten).float()  # noqa: E731
+    nb_white = NeighbourhoodEmbedding().fit(white(xt))
+    report("neighbourhood embedding of PCA-whitened features (128 d)", lambda a: nb_white.transform(white(a)))
+    view_anchors = F.normalize(torch.cat([xt[:, None], views[fit_rows]], 1).reshape(-1, xt.shape[1]), dim=1)
+    view_diffused = nb.diffused_[:, None].expand(-1, views.shape[1] + 1, -1).reshape(-1, nb.diffused_.shape[1])
+    report("anchors include the 8 views of each training image", lambda a: embed(a, view_anchors, view_diffused, nb.k))
+    averaged = F.normalize(torch.cat([anchors[:, None], F.normalize(views[fit_rows], dim=2)], 1).mean(1), dim=1)
+    nb_views = NeighbourhoodEmbedding().fit(averaged)
+    nb_views.anchors_ = anchors
+    report("graph on view-averaged features", nb_views.transform)
+    z = F.normalize(nb.transform(xt).double(), dim=1)
+    for clusters in (10, 40):  # pseudo-labels: spherical k-means of the embedding
+        centres = z[torch.randperm(len(z), generator=torch.Generator().manual_seed(0))[:clusters]]
+        for _ in range(50):
+            assignment = (z @ centres.T).argmax(1)
+            centres = F.normalize(torch.stack([z[assignment == c].mean(0) if (assignment == c).any() else centres[c]
+                                               for c in range(clusters)]), dim=1)
+        pseudo = assignment.numpy()
+        purity = sum(np.bincount(labels[fit_rows][pseudo == c]).max() for c in np.unique(pseudo)) / len(pseudo)
+        head = create_method("dpfah", 32).fit(xt.numpy(), pseudo)
+        with torch.no_grad():
+            codes = np.packbits((head(x[held]) >= 0).numpy().astype(np.uint8), axis=1)
+        print(f"dpfah's default on {clusters} k-means pseudo-classes (purity {purity:.3f}): "
+              f"{evaluate(codes, codes, lh, lh, topks=(None,))['map@all']:.4f}", flush=True)
     return 0
 
 
