@@ -286,11 +286,14 @@ def run_chunks(client, source: Source, group: zarr.Group, location: str, transfo
     if len(todo) < len(plan):
         log.info("resuming %s: %d of %d chunks already written", location, len(plan) - len(todo), len(plan))
     futures = []
-    for task in todo:
+    # heaviest first (longest-processing-time order): an update's new images all land in its last
+    # chunks, and a 1,000-image chunk started last kept one of two workers busy alone for 2.3 s of a
+    # 4.2 s run at 100k files; a fresh build's chunks are equal and keep their order
+    for task in sorted(todo, key=lambda t: -len(t.source_rows)):
         reader = source.reader(task.source_rows) if len(task.source_rows) else None
         futures.append(client.submit(_run_chunk, reader, transform, location, task, base, width, dtype,
                                      torch_threads, key=f"{desc}-{os.path.basename(location)}-{task.chunk}",
-                                     pure=False))
+                                     pure=False, priority=len(task.source_rows)))
     total = sum(len(t.source_rows) for t in plan)
     ok = rejected = 0
     with tqdm(total=total, initial=total - sum(len(t.source_rows) for t in todo), desc=desc, unit="img",

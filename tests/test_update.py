@@ -157,3 +157,23 @@ def test_cli_update_and_info_list_versions(image_folder, encoders, tmp_path):
     assert len(listed) == 2 and info.stdout.count("  * v-") == 1
     bad = _cli("update", "--encoder", encoder, "--source", folder, "--out", out, "--keep", "0")
     assert bad.returncode == 2 and "keep must be at least 1" in bad.stderr
+
+
+def test_the_heaviest_chunks_start_first(image_folder, encoders, client, tmp_path):
+    """An update's new images land in its last chunks; those tasks go to the workers first, so no
+    large chunk runs alone at the end while the other workers idle (longest-processing-time order)."""
+    from distributed import get_task_stream
+
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    ids = image_folder["ids"]
+    _copy(image_folder, folder, ids[:64])
+    update(folder, encoders["itq"], out, chunk_rows=8, client=client)
+    _copy(image_folder, folder, ids[64:80])                   # 16 new: the last two chunks, 8 images each
+    _replace(image_folder, folder, ids[0], ids[200])          # 1 changed, in chunk 0
+    with get_task_stream(client) as stream:
+        result = update(folder, encoders["itq"], out, chunk_rows=8, client=client)
+    assert (result.added, result.changed) == (16, 1)
+    started = sorted((min(s["start"] for s in t["startstops"] if s["action"] == "compute"), t["key"])
+                     for t in stream.data if str(t["key"]).startswith("updating"))
+    assert len(started) == 10
+    assert {key.rsplit("-", 1)[1] for _, key in started[:2]} == {"8", "9"}, started
