@@ -14,6 +14,8 @@ a 2-worker LocalCluster, the default chunking):
 - the nightly ``hashindex update`` after 1 % new, 1 % modified and 1 % deleted files (on a
   hard-linked copy of the tree), against the full encode, and its result against a fresh encode of
   the changed folder, row for row (codes, validity, tombstones);
+- queries on the index: a cold ``hashindex query --image`` in a fresh process, and the evaluation
+  of 1,000 queries (files of the collection, encoded from a list file) against the whole index;
 - crash and resume: the encode SIGKILLed (process group) at ~60 % of its tasks, rerun, against the
   uninterrupted run, and the arrays compared.
 
@@ -94,6 +96,8 @@ def build_collection(root: Path, n: int) -> Path:
     """The folder tree of ``n`` files (cached: a marker says it is complete) and its list file."""
     marker = root / ".complete"
     if marker.exists():
+        if not list_file_is_current(root):  # collections cached before the list file was one-hot
+            write_list_file(root, n)
         return root
     if root.exists():
         shutil.rmtree(root)
@@ -105,14 +109,25 @@ def build_collection(root: Path, n: int) -> Path:
         for count in pool.imap_unordered(_write_block, blocks):
             done += count
             print(f"# collection {n:,}: {done:,} files written", flush=True)
-    labels = np.arange(n) % 70_000
-    from hashindex.sources import open_source
-    fmnist_labels = open_source("fashion-mnist").labels
-    with open(root / "list.txt", "w") as f:
-        for i in range(n):
-            f.write(f"{relative_path(i)} {int(fmnist_labels[labels[i]])}\n")
+    write_list_file(root, n)
     marker.write_text(json.dumps({"files": n, "seconds": round(time.perf_counter() - started, 1)}))
     return root
+
+
+def write_list_file(root: Path, n: int) -> None:
+    """``list.txt``: each file with its one-hot Fashion-MNIST label, the deep-hashing list format
+    (``path 0 0 1 …``) that ``hashindex`` reads (a single class number per line is not that format)."""
+    from hashindex.sources import open_source
+
+    labels = open_source("fashion-mnist").labels[np.arange(n) % 70_000]
+    rows = np.eye(10, dtype=np.int64)[labels]
+    with open(root / "list.txt", "w") as f:
+        f.writelines(f"{relative_path(i)} {' '.join(map(str, rows[i]))}\n" for i in range(n))
+
+
+def list_file_is_current(root: Path) -> bool:
+    with open(root / "list.txt") as f:
+        return len(f.readline().split()) == 11
 
 
 # ----------------------------------------------------------------------------- measuring a command
@@ -223,6 +238,8 @@ def measure(n: int, root: Path, encoder: str, work: Path, fresh: bool = True, re
                         "index_mb": round(folder_bytes(index) / 2**20, 1),
                         "valid": int(built.attrs["valid"]), "rejected": int(built.attrs["rejected"])}
     print(json.dumps({"files": n, "encode": record["encode"]}), flush=True)
+    record["queries"] = measure_queries(folder, index, encoder, work)
+    print(json.dumps({"files": n, "queries": record["queries"]}), flush=True)
 
     # the nightly update: 1 % new, 1 % modified, 1 % deleted, on a hard-linked copy of the tree
     changed = work / "changed"
@@ -274,6 +291,40 @@ def measure(n: int, root: Path, encoder: str, work: Path, fresh: bool = True, re
     return record
 
 
+def measure_queries(folder: Path, index: str, encoder: str, work: Path, n_queries: int = 1000) -> dict:
+    """A cold ``hashindex query --image`` (a fresh process: imports, opening the index, encoding the
+    image, searching) and the evaluation of 1,000 queries. The queries are files of the collection
+    drawn at random, encoded from a list file into their own index with their labels; the folder
+    index holds no labels, so the database's come from the collection's list file by id, and the
+    evaluation runs what ``hashindex eval`` runs (``metrics.evaluate`` over the searchable rows)."""
+    import hashindex
+    from hashindex import metrics
+
+    lines = (folder / "list.txt").read_text().splitlines()
+    rng = np.random.default_rng(3)
+    picked = [lines[i] for i in np.sort(rng.choice(len(lines), n_queries + 50, replace=False))]
+    probe = folder / picked[0].split()[0]
+    run = cli("query", index, "--image", str(probe), "-k", "10", "--json")
+    record = {"cold_query_image_s": run["seconds"], "cold_query_client_mb": run["client_mb"]}
+    query_list = work / "queries.txt"
+    query_list.write_text("\n".join(picked) + "\n")
+    queries_index = str(work / "queries.index")
+    run = cli("encode", "--encoder", encoder, "--source", str(query_list), "--root", str(folder),
+              "--out", queries_index, "--workers", "2")
+    record["encode_queries_s"] = run["seconds"]
+    started = time.perf_counter()
+    database, queries = hashindex.open(index, warm=False), hashindex.open(queries_index, warm=False)
+    listed = hashindex.open_source(str(folder / "list.txt"))
+    order = np.argsort(listed.ids)
+    db_labels = listed.labels[order[np.searchsorted(listed.ids[order], database.ids)]].argmax(1)
+    qv, dv = np.flatnonzero(queries.searchable)[:n_queries], database.searchable
+    result = metrics.evaluate(queries.codes[qv], database.codes[dv], queries.labels[qv].argmax(1), db_labels[dv],
+                              topks=(None, 1000))
+    record.update({"eval_queries": int(len(qv)), "eval_s": round(time.perf_counter() - started, 2),
+                   "map@all": round(result["map@all"], 4), "map@1000": round(result["map@1000"], 4)})
+    return record
+
+
 def train_encoder(path: Path) -> str:
     import hashindex
     from hashindex.backbones import BackboneSpec
@@ -291,8 +342,9 @@ def markdown(payload: dict) -> str:
              "as a user runs it. Update: after 1 % new, 1 % modified, 1 % deleted files (targets: ≤ 6 % of the "
              "full encode at 100k, ≤ 3 % at 1M). Resume: SIGKILL at ~60 % of the tasks, rerun (target ≤ 1.1×).", "",
              "| files | listing s | fingerprint s | encode s | img/s | tasks | index MB | client MB | worker MB | "
-             "update s | update / encode | update = fresh encode | resume total / uninterrupted | resumed = uninterrupted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "update s | update / encode | update = fresh encode | resume total / uninterrupted | resumed = uninterrupted | "
+             "cold query --image s | eval 1,000 queries s (mAP@all) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         e, u, c = r["encode"], r["update"], r.get("resume")
         same = ("not run" if "missing" not in u else "yes" if u["missing"] == 0 and u["codes_equal"]
@@ -301,7 +353,9 @@ def markdown(payload: dict) -> str:
                                                               "yes" if c["identical"] else "**no**")
         lines.append(f"| {r['files']:,} | {r['listing_s']} | {r['fingerprint_s']} | {e['seconds']} | {e['img_s']} | "
                      f"{e['tasks']} | {e['index_mb']} | {e['client_mb']} | {' / '.join(map(str, e['worker_mb']))} | "
-                     f"{u['seconds']} | {u['share_of_encode']:.1%} | {same} | {resumed[0]} | {resumed[1]} |")
+                     f"{u['seconds']} | {u['share_of_encode']:.1%} | {same} | {resumed[0]} | {resumed[1]} | "
+                     + (f"{q['cold_query_image_s']} | {q['eval_s']} ({q['map@all']}) |" if (q := r.get("queries"))
+                        else "not run | not run |"))
     return "\n".join(lines) + "\n"
 
 
