@@ -172,19 +172,20 @@ def cli(*args, kill_at: float | None = None, out: str | None = None) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "hashindex.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     memory = PeakMemory(proc.pid)
-    started, killed = time.perf_counter(), False
+    started, killed, progress = time.perf_counter(), False, None
     while proc.poll() is None:
-        if kill_at is not None and os.path.isdir(out):
-            versions = store.version_names(out)
-            if versions:
-                try:
-                    done = zarr.open_group(f"{out}/{versions[0]}", mode="r")["chunk_done"][:]
-                    if done.mean() >= kill_at:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        killed = True
-                except Exception:  # noqa: BLE001 - half-created group
-                    pass
-        time.sleep(0.1)
+        # watching the progress costs CPU the job needs: a poll every 0.1 s, reopening the group each
+        # time, slowed the 1M encode it watched from 775 to 647 img/s (resume measured 1.12x); the
+        # group is opened once and read every second
+        if kill_at is not None and progress is None and os.path.isdir(out) and store.version_names(out):
+            try:
+                progress = zarr.open_group(f"{out}/{store.version_names(out)[0]}", mode="r")["chunk_done"]
+            except Exception:  # noqa: BLE001 - half-created group
+                pass
+        if progress is not None and not killed and progress[:].mean() >= kill_at:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(1.0 if kill_at is not None else 0.1)
     stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - started
     if proc.returncode != 0 and not killed:

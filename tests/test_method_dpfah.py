@@ -251,5 +251,9 @@ def test_head_mode_trains_on_and_encodes_with_the_simam_backbone(small, cache_di
     unrecorded = FeatureSet(plain_set.features, plain_set.valid, plain_set.ids, plain_set.labels, "", 0.0)
     with pytest.raises(MethodError, match="records no backbone"):
         train_encoder(small, "dpfah", 16, backbone=SMALL_SPEC, features=unrecorded, params={**SIMAM, "epochs": 1})
+    # the head-mode default (frozen) trains on, and encodes through, the plain network
+    default = train_encoder(small, "dpfah", 16, backbone=SMALL_SPEC, features=plain_set, params={"epochs": 1})
+    assert default.backbone_spec == SMALL_SPEC and "stem_attention" not in default.config["backbone"]
+    np.testing.assert_array_equal(default.encode_pixels(pixels), default.encode_features(plain))
     again = train_encoder(small, "dpfah", 16, backbone=SMALL_SPEC, features=cache, params={**SIMAM, "epochs": 2})
     assert again.id == encoder.id
