@@ -46,6 +46,17 @@ from hashindex.methods.targets import bit_balance, make_target, manifold_rank, p
 from hashindex.metrics import evaluate
 
 
+def validation_split(split_seed: int, spec: BackboneSpec = BackboneSpec("efficientnet-lite0", 64)):
+    """Features and 8 cached views of the protocol's 5,000 training images (float32), their labels,
+    and the seeded split: 1,000 held-out rows and the 4,000 to train on."""
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    x = hashindex.cached_features(source.subset(train), spec).features.astype(np.float32)
+    views = cached_views(source.subset(train), spec, views=8).views.astype(np.float32)
+    held = np.sort(np.random.default_rng(split_seed).choice(len(x), 1000, replace=False))
+    return x, views, source.labels[train], held, np.setdiff1d(np.arange(len(x)), held)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split-seed", type=int, default=0)
@@ -59,15 +70,8 @@ def main(argv=None) -> int:
         return dpfah_views(args.split_seed)
     if args.uhga_views:
         return uhga_views(args.split_seed)
-    source = hashindex.open_source("fashion-mnist")
-    _, train, _ = hashindex.protocol_split(source, seed=0)
-    spec = BackboneSpec("efficientnet-lite0", 64)
-    x = torch.from_numpy(hashindex.cached_features(source.subset(train), spec).features.astype(np.float32))
-    views = torch.from_numpy(cached_views(source.subset(train), spec, views=8).views.astype(np.float32))
-    labels = source.labels[train]
-    rng = np.random.default_rng(args.split_seed)
-    held = np.sort(rng.choice(len(x), 1000, replace=False))
-    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    x, views, labels, held, fit_rows = validation_split(args.split_seed)
+    x, views = torch.from_numpy(x), torch.from_numpy(views)
     xt = x[fit_rows]
 
     def score(encode) -> float:
@@ -148,15 +152,8 @@ def float_map(q: torch.Tensor, labels: np.ndarray) -> float:
 def ceiling(split_seed: int) -> int:
     from hashindex.methods.targets import mutual_knn_graph
 
-    source = hashindex.open_source("fashion-mnist")
-    _, train, _ = hashindex.protocol_split(source, seed=0)
-    spec = BackboneSpec("efficientnet-lite0", 64)
-    x = torch.from_numpy(hashindex.cached_features(source.subset(train), spec).features.astype(np.float32))
-    views = torch.from_numpy(cached_views(source.subset(train), spec, views=8).views.astype(np.float32))
-    labels = source.labels[train]
-    rng = np.random.default_rng(split_seed)
-    held = np.sort(rng.choice(len(x), 1000, replace=False))
-    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    x, views, labels, held, fit_rows = validation_split(split_seed)
+    x, views = torch.from_numpy(x), torch.from_numpy(views)
     xt, lh = x[fit_rows], labels[held]
 
     def report(name, transform):
@@ -208,15 +205,7 @@ def ceiling(split_seed: int) -> int:
 
 
 def uhga_views(split_seed: int) -> int:
-    source = hashindex.open_source("fashion-mnist")
-    _, train, _ = hashindex.protocol_split(source, seed=0)
-    spec = BackboneSpec("efficientnet-lite0", 64)
-    x = hashindex.cached_features(source.subset(train), spec).features.astype(np.float32)
-    views = cached_views(source.subset(train), spec, views=8).views.astype(np.float32)
-    labels = source.labels[train]
-    rng = np.random.default_rng(split_seed)
-    held = np.sort(rng.choice(len(x), 1000, replace=False))
-    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    x, views, labels, held, fit_rows = validation_split(split_seed)
     for weight in (0.0, 0.02, 0.1):
         method = create_method("uhga", 32, loss_weights={"views": weight})
         head = method.fit(x[fit_rows], views=views[fit_rows] if weight else None)
@@ -230,15 +219,7 @@ def uhga_views(split_seed: int) -> int:
 def dpfah_views(split_seed: int) -> int:
     from hashindex.build import method_backbone
 
-    source = hashindex.open_source("fashion-mnist")
-    _, train, _ = hashindex.protocol_split(source, seed=0)
-    spec = method_backbone("dpfah", BackboneSpec("efficientnet-lite0", 64))
-    x = hashindex.cached_features(source.subset(train), spec).features.astype(np.float32)
-    views = cached_views(source.subset(train), spec, views=8).views.astype(np.float32)
-    labels = source.labels[train]
-    rng = np.random.default_rng(split_seed)
-    held = np.sort(rng.choice(len(x), 1000, replace=False))
-    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    x, views, labels, held, fit_rows = validation_split(split_seed, method_backbone("dpfah", BackboneSpec("efficientnet-lite0", 64)))
     pack = lambda h: np.packbits((h >= 0).numpy().astype(np.uint8), axis=1)  # noqa: E731
     for n_views in (0, 8):
         feats = np.concatenate([x[fit_rows], views[fit_rows][:, :n_views].reshape(-1, x.shape[1])])
