@@ -288,7 +288,8 @@ def run_chunks(client, source: Source, group: zarr.Group, location: str, transfo
     futures = []
     # heaviest first (longest-processing-time order): an update's new images all land in its last
     # chunks, and a 1,000-image chunk started last kept one of two workers busy alone for 2.3 s of a
-    # 4.2 s run at 100k files; a fresh build's chunks are equal and keep their order
+    # 4.2 s run at 100k files; a fresh build's chunks are equal and keep their order. Both the order
+    # and the priority count: the scheduler hands a task to an idle worker as soon as it arrives
     for task in sorted(todo, key=lambda t: -len(t.source_rows)):
         reader = source.reader(task.source_rows) if len(task.source_rows) else None
         futures.append(client.submit(_run_chunk, reader, transform, location, task, base, width, dtype,

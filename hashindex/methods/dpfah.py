@@ -193,14 +193,17 @@ class DPFAH(DeepHashMethod):
         return _optimizer(self.config.get("optimizer", "rmsprop"), params, float(self.lr),
                           float(self.config.get("weight_decay", 0.0)))
 
+    def phi(self, x):
+        """The shared trunk's output ``φ`` on standardised features: what both branches take."""
+        return self.trunk_((x.float() - self.shift_) / self.scale_)
+
     def relaxed_codes(self, x):
-        return relax(self.hash_layer_(self.trunk_((x.float() - self.shift_) / self.scale_)),
-                     float(self.config.get("delta", 1.1)))
+        return relax(self.hash_layer_(self.phi(x)), float(self.config.get("delta", 1.1)))
 
     def loss_terms(self, idx, x, y):
-        phi = self.trunk_((x.float() - self.shift_) / self.scale_)
+        phi = self.phi(x)
         u = self.hash_layer_(phi)
-        fu = relax(u, float(self.config.get("delta", 1.1)))  # relaxed_codes, with φ kept for the classifier
+        fu = relax(u, float(self.config.get("delta", 1.1)))  # relaxed_codes, with u and φ kept for L2 and L3
         s = label_similarity(y)
         return {"pairwise": pairwise_nll(fu, s),
                 "quantization": quantization_regulation(u, fu),
