@@ -13,7 +13,7 @@ import importlib
 # (seconds of a cold start) to search codes.
 _HOMES = {"Index": "index", "open": "index", "write_index": "index", "Encoder": "encoder",
           "BackboneSpec": "backbones", "create_backbone": "backbones", "cached_features": "build",
-          "encode": "build", "method_backbone": "build", "protocol_split": "build", "train_encoder": "build",
+          "encode": "indexing", "method_backbone": "build", "protocol_split": "build", "train_encoder": "build",
           "open_source": "sources", "update": "update"}
 
 

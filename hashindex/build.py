@@ -1,11 +1,11 @@
-"""The jobs' building blocks: cache backbone features, train an encoder, encode a source into an index.
+"""The training job's building blocks: cache backbone features (and augmented views), train an encoder.
+Encoding a source into an index is :mod:`hashindex.indexing`.
 
 Each takes an optional Dask ``client``; without one it starts a LocalCluster of worker processes
 (or connects to ``scheduler``) for the duration of the call.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -19,12 +19,9 @@ from . import store
 from .augment import Augment, AugmentError, check_seed, check_views
 from .backbones import BackboneSpec, feature_dim, load_backbone, resolve_spec
 from .encoder import Encoder
-from .index import Index
-from .index import open as open_index
 from .methods import METHODS, MethodError, create_method
 from .methods.deep import training_device
-from .pipeline import (CodeTransform, FeatureTransform, ViewTransform, build_key, chunk_rows_for, dask_client,
-                       run_chunks)
+from .pipeline import FeatureTransform, ViewTransform, build_key, chunk_rows_for, job_client, run_chunks
 from .sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
@@ -32,15 +29,6 @@ log = logging.getLogger(__name__)
 
 def default_cache_dir() -> str:
     return os.environ.get("HASHINDEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hashindex"))
-
-
-@contextlib.contextmanager
-def _client(client=None, scheduler=None, n_workers=None):
-    if client is not None:
-        yield client
-    else:
-        with dask_client(scheduler, n_workers=n_workers) as new:
-            yield new
 
 
 @dataclass
@@ -67,7 +55,7 @@ def _cached_output(src: Source, location: str, chunk_rows: int, transform, outpu
     started = time.perf_counter()
     group = store.create_version(location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels, output=output,
                                  attrs=attrs)
-    with _client(client, scheduler, n_workers) as c:
+    with job_client(client, scheduler, n_workers) as c:
         run_chunks(c, src, group, location, transform, desc=desc)
     store.finish_version(group)
     return group, time.perf_counter() - started
@@ -283,49 +271,6 @@ def _validation_scores(encoder: Encoder, src: Source, features: FeatureSet, trai
                           features.labels[held_out], features.labels[train_rows], topks=(None,))
         record["map@all"] = round(float(scores["map@all"]), 4)
     return record
-
-
-def encode(source, encoder: "Encoder | str", out: str, *, chunk_rows: int | None = None, client=None,
-           scheduler: str | None = None, n_workers: int | None = None) -> Index:
-    """Encode every image of ``source`` into a new version of the index at ``out`` and publish it.
-
-    Rerunning after an interruption resumes the same build (same encoder, same source, same
-    chunking) and skips its finished chunks. The previous version stays the visible one until
-    the new one is complete.
-    """
-    src = open_source(source)
-    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
-    chunk_rows = chunk_rows_for(len(src), chunk_rows)
-    fingerprint = src.fingerprint()  # hashes the whole listing of a folder source: once
-    key = build_key("codes", enc.id, fingerprint, chunk_rows, len(src))
-    version = f"v-{key}"
-    location = f"{str(out).rstrip('/')}/{version}"
-    started = time.perf_counter()
-    group = store.create_version(
-        location, ids=src.ids, chunk_rows=chunk_rows, labels=src.labels, output=("codes", enc.bits // 8, "uint8"),
-        encoder_bytes=enc.to_bytes(), stamps=src.stamps(),
-        attrs={"build_key": key, "bits": enc.bits, "encoder_id": enc.id, "encoder_config": enc.config,
-               "source": src.describe(), "source_spec": src.spec(), "source_fingerprint": fingerprint})
-    if not group.attrs.get("complete"):
-        with _client(client, scheduler, n_workers) as c:
-            counts = run_chunks(c, src, group, location, CodeTransform(location), desc="encoding")
-        summary = store.finish_version(group)
-        log.info("encoded %s: %s in %.1f s", location, {**counts, **summary}, time.perf_counter() - started)
-    store.write_pointer(str(out), version)
-    return open_index(out, warm=False)
-
-
-def encode_images(encoder: Encoder, paths: list[str]) -> np.ndarray:
-    """Encode a few image files in this process (for queries); a bad file is an error naming it."""
-    from .images import ImageError, decode_image
-    pixels = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                pixels.append(decode_image(f.read()))
-        except (ImageError, OSError) as exc:
-            raise ImageError(f"{path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
-    return encoder.encode_pixels(pixels)
 
 
 def protocol_split(source: Source, *, queries_per_class: int = 100, train_per_class: int = 500,

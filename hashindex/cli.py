@@ -176,13 +176,10 @@ def _train(args) -> None:
 
 
 def _encode(args) -> None:
-    from .build import encode
-    from .encoder import Encoder
+    from .indexing import encode
     from .sources import open_source
 
-    encoder = Encoder.load(args.encoder)
-    if args.precision:
-        encoder = encoder.with_precision(args.precision)
+    encoder = _job_encoder(args)
     source = open_source(args.source, root=args.root, extensions=args.extensions)
     started = time.perf_counter()
     index = encode(source, encoder, args.out, chunk_rows=args.chunk_rows, scheduler=args.scheduler,
@@ -195,14 +192,21 @@ def _encode(args) -> None:
         print(f"  … and {len(index.rejects) - 20} more (hashindex info {args.out} --json)")
 
 
+def _job_encoder(args):
+    """The encoder of an encode or update job: read without torch, unless --precision makes a new one."""
+    from .encoder_file import EncoderFile
+
+    encoder = EncoderFile.read(args.encoder)
+    if args.precision and args.precision != encoder.config.get("precision", "fp32"):
+        return encoder.load().with_precision(args.precision)
+    return encoder
+
+
 def _update(args) -> None:
-    from .encoder import Encoder
     from .sources import open_source
     from .update import update
 
-    encoder = Encoder.load(args.encoder)
-    if args.precision:
-        encoder = encoder.with_precision(args.precision)
+    encoder = _job_encoder(args)
     source = open_source(args.source, root=args.root, extensions=args.extensions)
     result = update(source, encoder, args.out, keep=args.keep, chunk_rows=args.chunk_rows,
                     scheduler=args.scheduler, n_workers=args.workers)
@@ -247,7 +251,7 @@ def _query(args) -> None:
     else:
         if index.encoder is None:
             raise HashindexError(f"{args.index}: this index holds no encoder; query it with --code or --id")
-        from .build import encode_images  # torch and dask: only a query by image needs them
+        from .indexing import encode_images  # torch and dask: only a query by image needs them
 
         names, codes = args.image, encode_images(index.encoder, args.image)
     if args.radius is not None:

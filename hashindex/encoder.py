@@ -11,7 +11,6 @@ carries that network's trained weights (tensors named ``backbone/…``, marked b
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,19 +22,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import HashindexError
 from .backbones import (PRECISIONS, Backbone, BackboneError, BackboneSpec, check_precision, default_device,
                         load_backbone)
+# the file's format, read without torch by encoder_file (a job's client needs only the id and bytes)
+from .encoder_file import (BACKBONE_PREFIX as _BACKBONE_PREFIX, ENCODER_FORMAT_VERSION, METADATA_KEY,  # noqa: F401
+                           TRAINING_PREFIX as _TRAINING_PREFIX, EncoderError, check_format, content_id,
+                           is_legacy_layout, read_bytes, read_metadata)
 
-ENCODER_FORMAT_VERSION = 1
 ENCODE_BLOCK_ROWS = 4096
-_BACKBONE_PREFIX = "backbone/"
-_TRAINING_PREFIX = "training/"
 HEADS: dict[str, type[nn.Module]] = {}
-
-
-class EncoderError(HashindexError):
-    """An encoder file that cannot be read or does not fit its use."""
 
 
 def register_head(name: str):
@@ -174,7 +169,7 @@ class Encoder:
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         tensors = {**self._tensors(), **{_TRAINING_PREFIX + k: torch.from_numpy(v)
                                          for k, v in self.training_arrays.items()}}
-        return st_save(tensors, metadata={"hashindex_encoder": json.dumps(meta, default=str)})
+        return st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, default=str)})
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the encoder file atomically (temp file + rename)."""
@@ -191,14 +186,11 @@ class Encoder:
 
         try:
             tensors = st_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["hashindex_encoder"])
+            meta = read_metadata(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure: not an encoder file
             raise EncoderError(f"{name}: not a hashindex encoder file ({type(exc).__name__}: {exc})") from None
         config = meta["config"]
-        if config.get("format_version", 0) > ENCODER_FORMAT_VERSION:
-            raise EncoderError(f"{name}: encoder format version {config['format_version']} is newer than "
-                               f"this hashindex supports ({ENCODER_FORMAT_VERSION}); upgrade hashindex")
+        check_format(config, name)
         head_type = config["head"]["type"]
         if head_type not in HEADS:
             raise EncoderError(f"{name}: unknown head type {head_type!r}")
@@ -211,7 +203,7 @@ class Encoder:
                               if not k.startswith((_BACKBONE_PREFIX, _TRAINING_PREFIX))})
         tuned = config.get("tuned_backbone")
         spec = dict(config["backbone"])  # a spec written before stem_attention existed: None
-        legacy = isinstance(tuned, dict) and "stem_attention" in tuned
+        legacy = is_legacy_layout(config)
         if legacy and tuned["stem_attention"] is not None:
             # files from before the stem attention moved into the spec kept it under tuned_backbone
             spec.setdefault("stem_attention", tuned["stem_attention"])
@@ -228,13 +220,7 @@ class Encoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Encoder":
-        path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise EncoderError(f"{path}: cannot read encoder ({exc.strerror})") from None
-        return cls.from_bytes(data, name=path)
+        return cls.from_bytes(read_bytes(path), name=os.fspath(path))
 
     def __repr__(self) -> str:
         tuned = ", fine-tuned" if self.finetuned else ""
@@ -246,8 +232,4 @@ class Encoder:
 
 def _content_id(config: dict, tensors: dict[str, torch.Tensor]) -> str:
     """The encoder id: a hash of the config and of every tensor it computes with."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name, tensor in sorted(tensors.items()):
-        h.update(name.encode())
-        h.update(tensor.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return content_id(config, {name: tensor.numpy() for name, tensor in tensors.items()})

@@ -8,23 +8,31 @@ processes (the default) or on any cluster given its scheduler address.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
-import torch
 import zarr
 from tqdm.auto import tqdm
 
-from .augment import Augment, check_seed, check_views
-from .backbones import BackboneSpec, default_device, feature_dim, load_backbone
-from .encoder import Encoder
 from .sources import Source
 from . import store
+
+# torch and the modules built on it are imported where a worker runs a transform: the client of
+# `hashindex encode` and `update` only schedules, and importing torch cost it ~1.4 s a job
+if TYPE_CHECKING:
+    import torch
+
+    from .augment import Augment
+    from .backbones import BackboneSpec
+    from .encoder import Encoder
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_ROWS = 4096
@@ -56,6 +64,12 @@ class FeatureTransform:
         return _backbone(self.backbone).features(pixels, self.batch_size).astype(np.float16)
 
 
+def _default_augment() -> Augment:
+    from .augment import Augment
+
+    return Augment()
+
+
 @dataclass(frozen=True)
 class CodeTransform:
     """Decoded pixels → packed codes, with the encoder read from the version being written."""
@@ -65,6 +79,8 @@ class CodeTransform:
     output = "codes"
 
     def encoder(self) -> Encoder:
+        from .encoder import Encoder
+
         key = ("encoder", self.location)
         if key not in _LOADED:
             data = zarr.open_group(self.location, mode="r")["encoder"][:].tobytes()
@@ -86,7 +102,7 @@ class ViewTransform:
     """
 
     backbone: BackboneSpec
-    augment: Augment = Augment()
+    augment: Augment = field(default_factory=_default_augment)
     views: int = 8
     seed: int = 0
     batch_size: int = 256
@@ -94,12 +110,16 @@ class ViewTransform:
     takes_rows = True  # _run_chunk passes each image's row: the views are seeded by it
 
     def __post_init__(self):  # checked here, in the client, rather than in every task
+        from .augment import check_seed, check_views
+
         check_views(self.views)
         check_seed(self.seed)
 
     @property
     def width(self) -> int:
         """Columns of the output array: ``views · d``."""
+        from .backbones import feature_dim
+
         return self.views * feature_dim(self.backbone.name)
 
     def __call__(self, pixels, rows) -> np.ndarray:
@@ -112,6 +132,8 @@ class ViewTransform:
 
 
 def _backbone(spec: BackboneSpec):
+    from .backbones import load_backbone
+
     key = ("backbone", spec)
     if key not in _LOADED:
         _LOADED[key] = load_backbone(spec, device=worker_device())
@@ -121,6 +143,10 @@ def _backbone(spec: BackboneSpec):
 def worker_device() -> torch.device:
     """CPU, or one GPU per worker: a LocalCluster names its workers 0, 1, …, which spreads them over
     the GPUs; elsewhere (named workers, plain processes) the default CUDA device."""
+    import torch
+
+    from .backbones import default_device
+
     device = default_device()
     if device.type != "cuda":
         return device
@@ -146,9 +172,9 @@ class ChunkTask:
 
 def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | None, width: int, dtype: str,
                torch_threads: int) -> tuple[int, int]:
-    """One task: decode → transform → write the chunk's region → mark it done. Returns (ok, rejected)."""
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
+    """One task: decode → transform → write the chunk's region → mark it done. Returns (ok, rejected,
+    seconds the task ran)."""
+    started = time.perf_counter()
     n = task.stop - task.start
     values = np.zeros((n, width), dtype=dtype)
     valid = np.zeros(n, dtype=bool)
@@ -159,9 +185,16 @@ def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | No
         if keep:
             values[:keep] = old[transform.output][task.start:task.start + keep]
             valid[:keep] = old["valid"][task.start:task.start + keep]
-            reasons[:keep] = old["reason"][task.start:task.start + keep]
+            if not valid[:keep].all():
+                # only rejected rows have a reason; reading one decodes the whole published chunk
+                # of strings (512k rows, ~55 ms), which every task of a 1M update paid for nothing
+                reasons[:keep] = old["reason"][task.start:task.start + keep]
     ok = rejected = 0
     if reader is not None:
+        import torch  # here: a task that only copies base rows needs none of it
+
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
         decoded = reader()
         local = np.arange(n) if task.positions is None else task.positions - task.start
         if decoded.ok.any():
@@ -179,7 +212,7 @@ def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | No
         rows["valid"][task.start:task.stop] = valid
         rows["reason"][task.start:task.stop] = reasons
         group["chunk_done"][task.chunk] = 1
-    return ok, rejected
+    return ok, rejected, time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -205,6 +238,26 @@ def _warn_about_worker_malloc(client) -> None:
                     "start them with MALLOC_ARENA_MAX=1 in their environment", len(slow), slow[0])
 
 
+def gpu_count() -> int:
+    """torch's count of GPUs, without importing torch (a second of a job's start) on a machine with
+    no GPU driver's device files, where that count is 0."""
+    if "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/kfd"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@contextlib.contextmanager
+def job_client(client=None, scheduler: str | None = None, n_workers: int | None = None):
+    """``client`` if given, else :func:`dask_client` for the duration of the block."""
+    if client is not None:
+        yield client
+    else:
+        with dask_client(scheduler, n_workers=n_workers) as new:
+            yield new
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1):
     """A distributed Client: to ``scheduler`` if given, else a fresh LocalCluster of worker processes."""
@@ -217,7 +270,7 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None, t
             _warn_about_worker_malloc(client)
             yield client
         return
-    n_workers = n_workers or max(1, min(os.cpu_count() or 1, torch.cuda.device_count() or os.cpu_count() or 1))
+    n_workers = n_workers or max(1, min(os.cpu_count() or 1, gpu_count() or os.cpu_count() or 1))
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}):
         # no dashboard, and its HTTP endpoint on a free port: the default 8787 warns "already in use"
         # in every job that runs beside another
@@ -286,6 +339,7 @@ def run_chunks(client, source: Source, group: zarr.Group, location: str, transfo
     if len(todo) < len(plan):
         log.info("resuming %s: %d of %d chunks already written", location, len(plan) - len(todo), len(plan))
     futures = []
+    started = time.perf_counter()
     # heaviest first (longest-processing-time order): an update's new images all land in its last
     # chunks, and a 1,000-image chunk started last kept one of two workers busy alone for 2.3 s of a
     # 4.2 s run at 100k files; a fresh build's chunks are equal and keep their order. Both the order
@@ -297,10 +351,17 @@ def run_chunks(client, source: Source, group: zarr.Group, location: str, transfo
                                      pure=False, priority=len(task.source_rows)))
     total = sum(len(t.source_rows) for t in plan)
     ok = rejected = 0
+    busy = 0.0
     with tqdm(total=total, initial=total - sum(len(t.source_rows) for t in todo), desc=desc, unit="img",
               file=sys.stderr, mininterval=1.0, dynamic_ncols=True) as bar:
         for future in as_completed(futures):
-            good, bad = future.result()
-            ok, rejected = ok + good, rejected + bad
+            good, bad, seconds = future.result()
+            ok, rejected, busy = ok + good, rejected + bad, busy + seconds
             bar.update(good + bad)
-    return {"chunks": len(plan), "chunks_run": len(todo), "ok": ok, "rejected": rejected}
+    # how much of the run the workers spent in tasks: the rest is Dask's scheduling and transfers,
+    # worker start-up and waiting for the last task (bench/scale.py reports it)
+    workers = len(client.scheduler_info().get("workers", {})) or 1
+    wall = time.perf_counter() - started
+    return {"chunks": len(plan), "chunks_run": len(todo), "ok": ok, "rejected": rejected,
+            "wall_seconds": round(wall, 2), "task_seconds": round(busy, 2), "workers": workers,
+            "busy_share": round(busy / max(wall * workers, 1e-9), 4)}

@@ -108,11 +108,12 @@ def writing(location: str, what: str):
 def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: tuple[str, int, str],
                    labels: np.ndarray | None = None, encoder_bytes: bytes | None = None,
                    stamps: np.ndarray | None = None, removed: np.ndarray | None = None,
-                   attrs: dict | None = None) -> zarr.Group:
+                   id_crc32: np.ndarray | None = None, attrs: dict | None = None) -> zarr.Group:
     """Create (or reopen, to resume) a Zarr group of rows not yet written.
 
     ``output`` is (array name, row width, dtype): ``("codes", bits // 8, "uint8")`` for an index
-    version, ``("features", d, "float16")`` for a feature cache.
+    version, ``("features", d, "float16")`` for a feature cache. ``id_crc32``: the ids' checksums
+    where the caller has them (an update, from its base), else computed here.
     """
     attrs = dict(attrs or {})
     try:
@@ -122,7 +123,7 @@ def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: t
     except FileNotFoundError:  # zarr's GroupNotFoundError is one too
         pass
     with writing(location, "creating the version"):
-        return _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, removed, attrs)
+        return _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, removed, id_crc32, attrs)
 
 
 def published_chunk_rows(task_rows: int, row_bytes: int, n: int) -> int:
@@ -141,7 +142,7 @@ def task_arrays(group: zarr.Group) -> zarr.Group:
     return group[PARTS] if PARTS in group else group
 
 
-def _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, removed, attrs) -> zarr.Group:
+def _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, removed, id_crc32, attrs) -> zarr.Group:
     n = len(ids)
     group = zarr.open_group(location, mode="w")
     rows = max(1, min(chunk_rows, n))
@@ -160,7 +161,7 @@ def _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, re
     group.create_array("ids", shape=(n,), dtype=str, chunks=(IDS_CHUNK,), shards=(IDS_SHARD,))
     group["ids"][:] = np.asarray(ids, dtype=object)
     group.create_array("id_crc32", shape=(n,), dtype="uint32", chunks=(published,), fill_value=0)
-    group["id_crc32"][:] = id_checksums(ids)
+    group["id_crc32"][:] = id_checksums(ids) if id_crc32 is None else id_crc32
     if labels is not None:
         group.create_array("labels", shape=labels.shape, dtype=labels.dtype, chunks=(published,) + labels.shape[1:])
         group["labels"][:] = labels

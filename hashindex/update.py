@@ -16,20 +16,25 @@ arguments resumes its own build. Afterwards the newest ``keep`` complete version
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 
 from . import store
-from .build import _client, encode
-from .encoder import Encoder
+from .encoder_file import EncoderFile
 from .index import Index
 from .index import open as open_index
-from .pipeline import ChunkTask, CodeTransform, build_key, run_chunks
-from .sources import open_source
+from .indexing import encode, encoder_file
+from .pipeline import ChunkTask, CodeTransform, build_key, job_client, run_chunks
+from .sources import STAMP_SCHEME, open_source
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 log = logging.getLogger(__name__)
 DEFAULT_KEEP = 3
@@ -92,27 +97,25 @@ class BaseRows:
 
 
 def diff(base: BaseRows, ids: np.ndarray, stamps: np.ndarray) -> Diff:
-    """Match source ids against the base's live rows (sorted search, no per-image Python work)."""
-    base_ids = base.ids.astype(str)
+    """Match source ids against the base's live rows: one dict of the base's ids, looked up by C-level
+    iteration (1M ids: 0.6 s; sorting them as numpy strings took 1.7 s)."""
     live = np.flatnonzero(~base.removed)
-    order = np.argsort(base_ids[live], kind="stable")
-    live_sorted, ids_sorted = live[order], base_ids[live][order]
-    ids = np.asarray(ids, dtype=object).astype(str)
-    at = np.minimum(np.searchsorted(ids_sorted, ids), max(len(ids_sorted) - 1, 0))
-    found = (ids_sorted[at] == ids) if len(ids_sorted) else np.zeros(len(ids), bool)
-    base_rows = np.where(found, live_sorted[at] if len(ids_sorted) else -1, -1)
+    row_of = dict(zip(base.ids[live].tolist(), live.tolist()))
+    base_rows = np.fromiter(map(row_of.get, np.asarray(ids, dtype=object).tolist(), itertools.repeat(-1)),
+                            dtype=np.int64, count=len(ids))
+    found = base_rows >= 0
     # a format-1 base has no stamps: every image counts as changed once, which records them
     changed = found & ((base.stamps[np.maximum(base_rows, 0)] != stamps) | (not base.has_stamps))
     gone = np.setdiff1d(live, base_rows[found])
     return Diff(base_rows, changed, gone, stamps)
 
 
-def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KEEP, chunk_rows: int | None = None,
+def update(source, encoder: "Encoder | EncoderFile | str", out: str, *, keep: int = DEFAULT_KEEP, chunk_rows: int | None = None,
            client=None, scheduler: str | None = None, n_workers: int | None = None) -> UpdateResult:
     """Bring the index at ``out`` up to date with ``source`` (see the module docstring)."""
     started = time.perf_counter()
     src = open_source(source)
-    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
+    enc = encoder_file(encoder)
     out = str(out).rstrip("/")
     if keep < 1:
         raise store.StoreError(f"keep must be at least 1, got {keep}")
@@ -126,7 +129,9 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
     base_location = f"{out}/{current}"
     stamps = src.stamps()
     rows = BaseRows.read(base)
-    d = diff(rows, src.ids, stamps)
+    # a base of another stamp scheme is compared in its own; the new version stores today's
+    same_scheme = base.attrs.get("stamp_scheme", 1) == STAMP_SCHEME
+    d = diff(rows, src.ids, stamps if same_scheme else src.legacy_stamps())
     if d.empty:
         index = open_index(out, warm=False)
         return _finish(UpdateResult("unchanged", index, unchanged=len(src)), out, keep, started)
@@ -136,9 +141,13 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
     total = count + len(added)
     # the new version's rows: the base's, then the new images
     ids = np.concatenate([rows.ids, src.ids[added]])
-    all_stamps = np.concatenate([rows.stamps, stamps[added]])
+    id_crc32 = np.concatenate([base["id_crc32"][:] if "id_crc32" in base else store.id_checksums(rows.ids),
+                               store.id_checksums(src.ids[added])])
     redo_rows = np.flatnonzero(d.changed)                      # source rows re-encoded in place
-    all_stamps[d.base_rows[redo_rows]] = stamps[redo_rows]
+    # every image still in the source gets its stamp of today (changed or not: the scheme may differ)
+    all_stamps = np.concatenate([rows.stamps, stamps[added]])
+    found = np.flatnonzero(d.base_rows >= 0)
+    all_stamps[d.base_rows[found]] = stamps[found]
     removed = np.zeros(total, bool)
     removed[:count] = rows.removed
     removed[d.gone] = True
@@ -155,15 +164,17 @@ def update(source, encoder: "Encoder | str", out: str, *, keep: int = DEFAULT_KE
     location = f"{out}/{version}"
     group = store.create_version(
         location, ids=ids, chunk_rows=rows_per_chunk, labels=labels, output=("codes", enc.bits // 8, "uint8"),
-        encoder_bytes=enc.to_bytes(), stamps=all_stamps, removed=removed,
+        encoder_bytes=enc.to_bytes(), stamps=all_stamps, removed=removed, id_crc32=id_crc32,
         attrs={"build_key": key, "bits": enc.bits, "encoder_id": enc.id, "encoder_config": enc.config,
+               "stamp_scheme": STAMP_SCHEME,
                "source": src.describe(), "source_spec": src.spec(), "source_fingerprint": fingerprint, "base_version": current,
                "update": {"added": int(len(added)), "changed": int(len(redo_rows)), "removed": int(len(d.gone))}})
     if not group.attrs.get("complete"):
         plan = _plan(total, rows_per_chunk, positions, source_rows)
-        with _client(client, scheduler, n_workers) as c:
+        with job_client(client, scheduler, n_workers) as c:
             counts = run_chunks(c, src, group, location, CodeTransform(location), plan=plan, base=base_location,
                                 desc="updating")
+        group.attrs["run"] = counts
         store.finish_version(group)
         log.info("updated %s from %s: %s", location, current, counts)
     store.write_pointer(out, version)

@@ -9,6 +9,7 @@ import torchvision
 from hashindex import metrics
 from hashindex.backbones import BackboneError, BackboneSpec, SimAM, create_backbone
 from hashindex.encoder import Encoder, EncoderError
+from hashindex.encoder_file import EncoderFile
 from hashindex.methods import create_method
 from hashindex.methods.base import MethodError
 
@@ -121,6 +122,32 @@ def test_corrupt_encoder_file_is_a_clear_error(sample, tmp_path):
         Encoder.load(path)
     with pytest.raises(EncoderError, match="cannot read encoder"):
         Encoder.load(tmp_path / "missing.encoder")
+    # the jobs' torch-free reader refuses the same files with the same words
+    for bad, message in ((b"not an encoder at all", "not a hashindex encoder file"),
+                         (bytes(data), "does not match its id")):
+        path.write_bytes(bad)
+        with pytest.raises(EncoderError, match=message):
+            EncoderFile.read(path)
+    with pytest.raises(EncoderError, match="cannot read encoder"):
+        EncoderFile.read(tmp_path / "missing.encoder")
+
+
+def test_the_jobs_read_an_encoder_file_without_torch(sample, tmp_path):
+    """`hashindex encode` and `update` start a build knowing only the encoder's id, bits, config and
+    bytes: read from the file with numpy, equal to the full encoder's, and torch never imported."""
+    import subprocess
+    import sys
+    enc = _encoder("itq", sample)
+    path = enc.save(tmp_path / "itq.encoder")
+    light = EncoderFile.read(path)
+    assert (light.id, light.bits, light.method, light.config) == (enc.id, enc.bits, enc.method, enc.config)
+    assert light.to_bytes() == open(path, "rb").read() and light.load().id == enc.id
+    script = ("import sys, json; import hashindex.cli, hashindex.update, hashindex.indexing\n"
+              "from hashindex.encoder_file import EncoderFile\n"
+              f"e = EncoderFile.read({str(path)!r})\n"
+              "print(json.dumps([e.id, 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [enc.id, False]
 
 
 @pytest.mark.parametrize("bits, message", [(12, "multiple of 8"), (0, "multiple of 8")])
@@ -192,6 +219,7 @@ def test_a_finetuned_encoder_file_of_the_old_layout_still_loads(sample):
     loaded = Encoder.from_bytes(data)
     assert loaded.backbone_spec.stem_attention == "simam" and loaded.finetuned
     assert loaded.id == new.id
+    assert EncoderFile.from_bytes(data).id == new.id  # the jobs' reader: today's id, via the full reader
     # the old layout's id still guards its content
     broken = json.dumps({"config": {**config, "bits": 16}, "id": "0" * 16})
     with pytest.raises(EncoderError, match="does not match its id"):

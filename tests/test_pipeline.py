@@ -12,7 +12,7 @@ import zarr
 
 import hashindex
 from hashindex import store
-from hashindex.build import encode_images
+from hashindex.indexing import encode_images
 from hashindex.pipeline import dask_client
 
 
@@ -34,6 +34,10 @@ def test_index_holds_every_image_and_records_rejects(trained, image_folder):
                                    "broken/notes.png": "not an image (unrecognised format)"}
     assert index.attrs["encoder_id"] == trained["encoder"].id
     assert index.encoder.id == trained["encoder"].id  # the stored copy is the same encoder
+    # the run's record: every chunk ran as a task, and the workers' task time fits in the run
+    run = index.attrs["run"]
+    assert run["chunks"] == run["chunks_run"] == 5 and run["ok"] == 300 and run["workers"] >= 1
+    assert 0 < run["task_seconds"] <= run["wall_seconds"] * run["workers"] and 0 < run["busy_share"] <= 1
 
 
 def test_pipeline_codes_equal_in_process_codes(trained, image_folder):

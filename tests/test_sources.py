@@ -150,3 +150,31 @@ def test_bad_extensions_are_refused_by_name(tmp_path, extensions, message):
 def test_extensions_apply_to_folders_only():
     with pytest.raises(SourceError, match="extensions apply to folder sources; this is a digits source"):
         open_source("digits", extensions="png")
+
+
+def test_file_stamps_move_with_size_or_mtime_and_only_for_that_file(tmp_path):
+    """Stamps are per file and vectorised (scheme 2): touching or rewriting one file moves its stamp
+    alone and the fingerprint with it; a missing file of a list gets 0. The scheme-1 stamps of the
+    same listing are what indexes written before hold."""
+    import hashlib
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / name)
+    os.utime(tmp_path / "b.png", ns=(0, os.stat(tmp_path / "a.png").st_mtime_ns))  # equal mtime and size
+    src = FolderSource(str(tmp_path))
+    stamps, print_ = src.stamps(), src.fingerprint()
+    assert stamps.dtype == np.uint64 and (stamps != 0).all() and stamps[0] == stamps[1] != stamps[2]
+    st = os.stat(tmp_path / "b.png")
+    os.utime(tmp_path / "b.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    touched = FolderSource(str(tmp_path))
+    assert (touched.stamps() != stamps).tolist() == [False, True, False] and touched.fingerprint() != print_
+    with open(tmp_path / "c.png", "ab") as f:
+        f.write(b"\0")
+    assert FolderSource(str(tmp_path)).stamps()[2] != stamps[2]
+    legacy = touched.legacy_stamps()
+    size, mtime = os.stat(tmp_path / "a.png").st_size, os.stat(tmp_path / "a.png").st_mtime
+    assert legacy[0] == int.from_bytes(hashlib.blake2b(f"{size}:{mtime}".encode(), digest_size=8).digest(), "little")
+    (tmp_path / "list.txt").write_text("a.png 1\nmissing.png 0\n")
+    listed = ListFileSource(str(tmp_path / "list.txt"))
+    assert listed.stamps()[1] == 0 and listed.stamps()[0] == touched.stamps()[0]

@@ -83,6 +83,30 @@ def test_update_with_nothing_to_do_publishes_nothing(image_folder, encoders, cli
     assert again.index.version == first.index.version and store.version_names(out) == [first.index.version]
 
 
+def test_an_index_of_the_old_stamp_scheme_is_diffed_in_it_and_moves_to_the_new(image_folder, encoders, client,
+                                                                                tmp_path):
+    """Stamps were a blake2b hash per file (scheme 1) before they were mixed in numpy (scheme 2): an
+    update of an old index re-encodes only what changed, and its new version holds today's stamps."""
+    import zarr
+    from hashindex.sources import STAMP_SCHEME, open_source
+    folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
+    ids = _copy(image_folder, folder, image_folder["ids"][:40])
+    first = update(folder, encoders["itq"], out, client=client)
+    source = open_source(folder)
+    old = zarr.open_group(f"{out}/{first.index.version}", mode="r+")  # as an older hashindex wrote it
+    assert old.attrs["stamp_scheme"] == STAMP_SCHEME == 2
+    old["stamp"][:] = source.legacy_stamps()
+    del old.attrs["stamp_scheme"]
+    assert not (source.legacy_stamps() == source.stamps()).any()
+    _replace(image_folder, folder, ids[3], ids[30])
+    second = update(folder, encoders["itq"], out, client=client)
+    assert (second.action, second.changed, second.added, second.unchanged) == ("updated", 1, 0, 39)
+    new = zarr.open_group(f"{out}/{second.index.version}", mode="r")
+    assert new.attrs["stamp_scheme"] == STAMP_SCHEME
+    assert np.array_equal(new["stamp"][:], open_source(folder).stamps())
+    assert update(folder, encoders["itq"], out, client=client).action == "unchanged"
+
+
 def test_a_new_encoder_reencodes_everything(image_folder, encoders, client, tmp_path):
     folder, out = str(tmp_path / "photos"), str(tmp_path / "photos.index")
     _copy(image_folder, folder, image_folder["ids"][:40])
