@@ -9,8 +9,9 @@ with the CLI as a user runs it (ITQ 32 bits trained on the protocol's training f
 a 2-worker LocalCluster, the default chunking):
 
 - listing + fingerprinting the folder (``open_source``, ``fingerprint``, ``stamps``);
-- ``hashindex encode``: wall time, img/s, Dask tasks, index size, peak RSS of the client process
-  and of each worker process (sampled every 0.2 s);
+- ``hashindex encode``: wall time, img/s, Dask tasks and how busy they kept the workers (task
+  seconds over the Dask run's wall × workers: the rest is the scheduler's share, start-up and the
+  tail), index size, peak RSS of the client process and of each worker process (sampled every 0.2 s);
 - the nightly ``hashindex update`` after 1 % new, 1 % modified and 1 % deleted files (on a
   hard-linked copy of the tree), against the full encode, and its result against a fresh encode of
   the changed folder, row for row (codes, validity, tombstones);
@@ -237,7 +238,8 @@ def measure(n: int, root: Path, encoder: str, work: Path, fresh: bool = True, re
                         "client_mb": run["client_mb"], "worker_mb": run["worker_mb"],
                         "tasks": -(-n // chunk_rows) if chunk_rows else None, "chunk_rows": chunk_rows,
                         "index_mb": round(folder_bytes(index) / 2**20, 1),
-                        "valid": int(built.attrs["valid"]), "rejected": int(built.attrs["rejected"])}
+                        "valid": int(built.attrs["valid"]), "rejected": int(built.attrs["rejected"]),
+                        **_busy(built)}
     print(json.dumps({"files": n, "encode": record["encode"]}), flush=True)
     record["queries"] = measure_queries(folder, index, encoder, work)
     print(json.dumps({"files": n, "queries": record["queries"]}), flush=True)
@@ -269,7 +271,7 @@ def measure(n: int, root: Path, encoder: str, work: Path, fresh: bool = True, re
     counts = json.loads(run["stdout"][run["stdout"].index("{"):])
     record["update"] = {"seconds": run["seconds"], "share_of_encode": round(run["seconds"] / record["encode"]["seconds"], 4),
                         "added": counts["added"], "changed": counts["changed"], "removed": counts["removed"],
-                        "client_mb": run["client_mb"]}
+                        "client_mb": run["client_mb"], **_busy(hashindex.open(updated, warm=False))}
     if fresh:
         fresh_index = str(work / "fresh.index")
         cli("encode", "--encoder", encoder, "--source", str(changed), "--out", fresh_index, "--workers", "2")
@@ -290,6 +292,14 @@ def measure(n: int, root: Path, encoder: str, work: Path, fresh: bool = True, re
                                           and (a.valid == b.valid).all() and (a.ids == b.ids).all())}
     print(json.dumps({"files": n, "resume": record["resume"]}), flush=True)
     return record
+
+
+def _busy(index) -> dict:
+    """How busy the workers were during the version's Dask run (``run_chunks`` records it): task
+    seconds over wall × workers. The rest is Dask's scheduling, worker start-up and the tail."""
+    run = index.attrs.get("run") or {}
+    return {"busy_share": run.get("busy_share"), "task_seconds": run.get("task_seconds"),
+            "dask_wall_seconds": run.get("wall_seconds")}
 
 
 def measure_queries(folder: Path, index: str, encoder: str, work: Path, n_queries: int = 1000) -> dict:
@@ -342,10 +352,12 @@ def markdown(payload: dict) -> str:
     lines = [f"`python bench/scale.py` on {payload['machine']}: ITQ 32 bits, 64 px, 2-worker LocalCluster, the CLI "
              "as a user runs it. Update: after 1 % new, 1 % modified, 1 % deleted files (targets: ≤ 6 % of the "
              "full encode at 100k, ≤ 3 % at 1M). Resume: SIGKILL at ~60 % of the tasks, rerun (target ≤ 1.1×).", "",
-             "| files | listing s | fingerprint s | encode s | img/s | tasks | index MB | client MB | worker MB | "
+             "Workers busy: the share of the Dask run (wall × workers) the workers spent in tasks; the rest is "
+             "scheduling, worker start-up and the last tasks' tail.", "",
+             "| files | listing s | fingerprint s | encode s | img/s | tasks | workers busy | index MB | client MB | worker MB | "
              "update s | update / encode | update = fresh encode | resume total / uninterrupted | resumed = uninterrupted | "
              "cold query --image s | eval 1,000 queries s (mAP@all) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         e, u, c = r["encode"], r["update"], r.get("resume")
         same = ("not run" if "missing" not in u else "yes" if u["missing"] == 0 and u["codes_equal"]
@@ -353,7 +365,8 @@ def markdown(payload: dict) -> str:
         resumed = ("not run", "not run") if c is None else (f"{c['total_over_uninterrupted']:.2f}×",
                                                               "yes" if c["identical"] else "**no**")
         lines.append(f"| {r['files']:,} | {r['listing_s']} | {r['fingerprint_s']} | {e['seconds']} | {e['img_s']} | "
-                     f"{e['tasks']} | {e['index_mb']} | {e['client_mb']} | {' / '.join(map(str, e['worker_mb']))} | "
+                     f"{e['tasks']} | {f'{b:.0%}' if (b := e.get('busy_share')) is not None else 'not recorded'} | "
+                     f"{e['index_mb']} | {e['client_mb']} | {' / '.join(map(str, e['worker_mb']))} | "
                      f"{u['seconds']} | {u['share_of_encode']:.1%} | {same} | {resumed[0]} | {resumed[1]} | "
                      + (f"{q['cold_query_image_s']} | {q['eval_s']} ({q['map@all']}) |" if (q := r.get("queries"))
                         else "not run | not run |"))
