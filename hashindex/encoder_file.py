@@ -90,9 +90,7 @@ class EncoderFile:
 
     def load(self, device=None):
         """The full encoder (imports torch)."""
-        from .encoder import Encoder
-
-        return Encoder.from_bytes(self.data, name=self.name, device=device)
+        return _full_encoder(self.data, self.name, device)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "EncoderFile":
@@ -105,26 +103,25 @@ class EncoderFile:
         from safetensors.numpy import load as load_arrays
 
         try:
-            meta = read_metadata(data)
-            arrays = load_arrays(data)
-        except Exception:  # noqa: BLE001 - not parseable here (or a dtype numpy lacks): the full reader says why
-            return cls.of(cls._full(data, name), name)
-        check_format(meta["config"], name)
-        if is_legacy_layout(meta["config"]):
-            return cls.of(cls._full(data, name), name)
-        computed = content_id(meta["config"], {k: v for k, v in arrays.items() if not k.startswith(TRAINING_PREFIX)})
-        if computed != meta["id"]:
-            # a corrupted file, or one written before today's layout: the full reader tells them apart
-            return cls.of(cls._full(data, name), name)
-        return cls(meta["id"], meta["config"], data, name)
-
-    @staticmethod
-    def _full(data: bytes, name: str):
-        from .encoder import Encoder
-
-        return Encoder.from_bytes(data, name=name)
+            meta, arrays = read_metadata(data), load_arrays(data)
+        except Exception:  # noqa: BLE001 - not parseable here (or a dtype numpy lacks)
+            meta = None
+        if meta is not None:
+            check_format(meta["config"], name)
+            computed = content_id(meta["config"], {k: v for k, v in arrays.items() if not k.startswith(TRAINING_PREFIX)})
+            if computed == meta["id"] and not is_legacy_layout(meta["config"]):
+                return cls(meta["id"], meta["config"], data, name)
+        # unparseable, corrupted, or of an older layout: the full reader says why, or gives today's id
+        return cls.of(_full_encoder(data, name), name)
 
     @classmethod
     def of(cls, encoder, name: str = "encoder") -> "EncoderFile":
         """The file of an Encoder (its bytes as ``Encoder.to_bytes`` writes them)."""
         return cls(encoder.id, encoder.config, encoder.to_bytes(), name)
+
+
+def _full_encoder(data: bytes, name: str, device=None):
+    """The torch :class:`~hashindex.encoder.Encoder` of an encoder file's bytes."""
+    from .encoder import Encoder
+
+    return Encoder.from_bytes(data, name=name, device=device)
