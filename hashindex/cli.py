@@ -22,6 +22,15 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local weights file for torchvision backbones (never downloaded)")
 
 
+def _feature_blocks(text: str) -> list[int] | str:
+    if text == "head":
+        return text
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers like 10,12,14 or 'head', got {text!r}") from None
+
+
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="folder, list file, IDX folder, CIFAR folder, 'digits', "
                    "'fashion-mnist' (or an fsspec URL of a folder or list file)")
@@ -63,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                         "'paper' in finetune mode)")
     p.add_argument("--config", help="deep methods: JSON file of parameters overriding the profile")
     p.add_argument("--epochs", type=int, help="deep methods: override the number of training epochs")
+    p.add_argument("--feature-blocks", metavar="N,N,…|head", type=_feature_blocks,
+                   help="train and encode on the pooled outputs of these backbone blocks instead of the pooled "
+                        "head, e.g. 10,12,14 (the default of uhga, nrdh and ucsh), or 'head' (default of the others)")
     p.add_argument("--mode", choices=("head", "finetune"), default="head",
                    help="head: train on cached features of the frozen backbone (default); finetune: train "
                         "the backbone end to end too (deep methods; slow on a CPU)")
@@ -159,6 +171,8 @@ def _train(args) -> None:
     spec = BackboneSpec(args.backbone, args.image_size, args.weights)
     params = {k: v for k, v in (("profile", args.profile), ("config", args.config), ("epochs", args.epochs))
               if v is not None}
+    if args.feature_blocks is not None:
+        params["feature_blocks"] = None if args.feature_blocks == "head" else args.feature_blocks
     tags = None
     if args.tags:
         if args.method != "lagnh":

@@ -224,7 +224,7 @@ class Encoder:
 
     def __repr__(self) -> str:
         tuned = ", fine-tuned" if self.finetuned else ""
-        attention = f"+{self.backbone_spec.stem_attention}" if self.backbone_spec.stem_attention else ""
+        attention = self.backbone_spec.variant.replace("-", "+")
         precision = "" if self.precision == "fp32" else f", {self.precision}"
         return (f"Encoder(method={self.method!r}, bits={self.bits}, backbone={self.backbone_spec.name!r}{attention}@"
                 f"{self.backbone_spec.image_size}px{tuned}{precision}, id={self.id})")

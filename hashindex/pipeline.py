@@ -120,7 +120,7 @@ class ViewTransform:
         """Columns of the output array: ``views · d``."""
         from .backbones import feature_dim
 
-        return self.views * feature_dim(self.backbone.name)
+        return self.views * feature_dim(self.backbone)
 
     def __call__(self, pixels, rows) -> np.ndarray:
         net = _backbone(self.backbone)

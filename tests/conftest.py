@@ -28,10 +28,31 @@ def fmnist_features(fmnist):
     rows = np.sort(np.random.default_rng(0).choice(60_000, 1200, replace=False))
     pixels = fmnist.read(rows).pixels
     features = create_backbone("efficientnet-lite0", image_size=64).features(pixels)
-    labels = fmnist.labels[rows]
+    return _feature_set(pixels, features, fmnist.labels[rows])
+
+
+def _feature_set(pixels, features, labels) -> dict:
     return {"pixels": pixels, "features": features, "labels": labels,
             "train": features[:1000], "train_labels": labels[:1000],
             "query": features[1000:], "query_labels": labels[1000:]}
+
+
+@pytest.fixture(scope="session")
+def method_features(fmnist_features):
+    """``method_features(method)``: the images of ``fmnist_features`` through the network ``method``
+    trains on by default (:func:`hashindex.build.method_backbone`: its stem attention, its feature
+    blocks), computed once per network."""
+    from hashindex.backbones import BackboneSpec, load_backbone
+    from hashindex.build import method_backbone
+    computed = {BackboneSpec("efficientnet-lite0", 64): fmnist_features}
+
+    def features_for(method: str) -> dict:
+        spec = method_backbone(method, BackboneSpec("efficientnet-lite0", 64))
+        if spec not in computed:
+            features = load_backbone(spec, device="cpu").features(fmnist_features["pixels"])
+            computed[spec] = _feature_set(fmnist_features["pixels"], features, fmnist_features["labels"])
+        return computed[spec]
+    return features_for
 
 
 def held_out_map(head, data) -> float:

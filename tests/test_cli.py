@@ -28,3 +28,17 @@ def test_unknown_method_is_refused_with_the_list():
                           "--out", "x.enc"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "invalid choice: 'pq'" in out.stderr and "itq" in out.stderr
+
+
+def test_train_takes_feature_blocks(tmp_path):
+    """``--feature-blocks`` puts the blocks in the encoder's backbone (any method); a malformed list is
+    refused before anything runs."""
+    from hashindex.cli import main
+    from hashindex.encoder import Encoder
+    out = tmp_path / "itq.encoder"
+    main(["train", "--method", "itq", "--bits", "16", "--source", "digits", "--sample", "300",
+          "--feature-blocks", "10,12", "--cache-dir", str(tmp_path), "--out", str(out)])
+    assert Encoder.load(str(out)).backbone_spec.blocks == (10, 12)
+    bad = subprocess.run([sys.executable, "-m", "hashindex.cli", "train", "--method", "itq", "--source", "digits",
+                          "--feature-blocks", "ten", "--out", str(tmp_path / "x.enc")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected block numbers like 10,12,14 or 'head', got 'ten'" in bad.stderr

@@ -191,6 +191,56 @@ def test_stem_attention_is_part_of_the_spec_and_old_specs_read_as_before():
         create_backbone("efficientnet-lite0", stem_attention="cbam")
 
 
+def test_feature_blocks_pool_those_blocks_and_are_part_of_the_spec(sample):
+    """A spec's ``blocks`` gives the spatial means of those blocks' outputs, concatenated, in place of
+    the pooled head; it is recorded (an old, plain spec is unchanged) and checked before any build."""
+    from hashindex.backbones import load_backbone
+    spec = BackboneSpec("efficientnet-lite0", 32, blocks=[10, 12, 14])
+    assert spec.blocks == (10, 12, 14) and BackboneSpec(**spec.to_dict()) == spec
+    assert spec.to_dict()["blocks"] == [10, 12, 14] and "blocks=(10, 12, 14)" in repr(spec)
+    assert "blocks" not in BackboneSpec().to_dict() and "blocks" not in repr(BackboneSpec())
+    pixels = sample["pixels"][:16]
+    plain = load_backbone(BackboneSpec("efficientnet-lite0", 32), device="cpu")
+    seen = {}
+    hooks = [plain.net.model._blocks[i].register_forward_hook(
+        lambda module, args, out, i=i: seen.__setitem__(i, out.mean(dim=(2, 3)))) for i in (10, 12, 14)]
+    head = plain.features(pixels)
+    for hook in hooks:
+        hook.remove()
+    blocks = load_backbone(spec, device="cpu")
+    features = blocks.features(pixels)
+    assert features.shape == (16, 112 + 192 + 192) == (16, blocks.feature_dim)
+    np.testing.assert_allclose(features, torch.cat([seen[i] for i in (10, 12, 14)], 1).numpy(), rtol=1e-5, atol=1e-5)
+    assert head.shape == (16, 1280)  # the plain network still ends with its pooled head
+    with pytest.raises(BackboneError, match=r"increasing block numbers in 0\.\.15, got \[14, 12\]"):
+        load_backbone(BackboneSpec(blocks=[14, 12]), device="cpu")
+    with pytest.raises(BackboneError, match="backbone resnet18 has no block features"):
+        load_backbone(BackboneSpec("resnet18", 32, blocks=[1]), device="cpu")
+    with pytest.raises(MethodError, match="feature_blocks must be a list of block numbers"):
+        create_method("itq", 32, feature_blocks="10")
+
+
+def test_an_encoder_on_feature_blocks_encodes_images_as_it_trained(sample):
+    """The unsupervised defaults train on block features: the encoder records the blocks, so an image
+    encoded later goes through the same blocks (its codes equal those of its features)."""
+    from hashindex.backbones import load_backbone
+    from hashindex.build import method_backbone
+    spec = method_backbone("uhga", BackboneSpec("efficientnet-lite0", 32))
+    assert spec.blocks == (10, 12, 14)
+    assert method_backbone("uhga", BackboneSpec(), {"profile": "paper"}).blocks is None
+    assert method_backbone("itq", BackboneSpec()).blocks is None
+    assert method_backbone("itq", BackboneSpec(), {"feature_blocks": [12]}).blocks == (12,)
+    features = load_backbone(spec, device="cpu").features(sample["pixels"][:300])
+    head = create_method("itq", 32).fit(features[:200])
+    encoder = Encoder(method="itq", bits=32, backbone=spec, head=head)
+    plain = Encoder(method="itq", bits=32, backbone=BackboneSpec("efficientnet-lite0", 32), head=head)
+    assert encoder.id != plain.id and "+b10.12.14@32px" in repr(encoder)
+    again = Encoder.from_bytes(encoder.to_bytes())
+    assert again.backbone_spec == spec and again.id == encoder.id
+    codes = again.encode_pixels(sample["pixels"][200:300])
+    assert (codes == encoder.encode_features(features[200:300])).mean() > 0.999
+
+
 def test_encoder_records_the_stem_attention(sample):
     head = create_method("lsh", 32, seed=0).fit(sample["features"][:1000])
     plain = Encoder(method="lsh", bits=32, backbone=BackboneSpec(), head=head)

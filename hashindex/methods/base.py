@@ -37,6 +37,18 @@ def create_method(name: str, bits: int, **params) -> "HashMethod":
     return METHODS[name](bits=bits, **params)
 
 
+def check_feature_blocks(blocks, method: str) -> tuple[int, ...] | None:
+    """``feature_blocks`` as a tuple, or a :class:`MethodError`: the backbone blocks whose pooled
+    outputs a method trains and encodes on (:class:`~hashindex.backbones.BackboneSpec` ``blocks``;
+    whether the backbone has them is checked with the spec). None: the pooled head."""
+    if blocks is None:
+        return None
+    if (not isinstance(blocks, (list, tuple)) or not blocks
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
+        raise MethodError(f"{method}: feature_blocks must be a list of block numbers or null, got {blocks!r}")
+    return tuple(blocks)
+
+
 class HashMethod:
     """Base class: ``fit(features, labels=None) -> head``; the head maps features to real values whose
     signs are the bits. Subclasses implement :meth:`_fit`.
@@ -52,6 +64,10 @@ class HashMethod:
         of the manifold-diffused features of each image's nearest training anchors) instead of the
         raw features; a dict sets ``k``, ``graph_k``, ``alpha``, ``power``, ``max_anchors``. Head
         mode only. Off by default: every paper and baseline trains on the raw features.
+    feature_blocks : list of int, optional
+        Train and encode on the pooled outputs of these backbone blocks, concatenated, instead of the
+        pooled head (:class:`~hashindex.backbones.BackboneSpec` ``blocks``; :func:`hashindex.build.method_backbone`
+        puts them in the spec the features are computed with). None by default.
     """
 
     name: ClassVar[str] = "base"
@@ -61,11 +77,13 @@ class HashMethod:
     profile: str = "paper"
     uses_views: ClassVar[bool] = False  # trains a term on augmented views (deep methods: the ``views`` term)
 
-    def __init__(self, bits: int, *, seed: int = 0, neighbourhood: bool | dict | None = None):
+    def __init__(self, bits: int, *, seed: int = 0, neighbourhood: bool | dict | None = None,
+                 feature_blocks: list[int] | None = None):
         self.bits, self.seed = int(bits), int(seed)
         self.neighbourhood = neighbourhood
         from .neighbourhood import neighbourhood_params  # (neighbourhood.py imports MethodError from here)
         neighbourhood_params(neighbourhood)  # a bad spec fails here, before any feature is computed
+        self.feature_blocks = check_feature_blocks(feature_blocks, self.name)
 
     def fit(self, features: np.ndarray, labels: np.ndarray | None = None, *, images=None, backbone=None,
             views: np.ndarray | None = None) -> nn.Module:
@@ -126,6 +144,8 @@ class HashMethod:
         params = {"bits": self.bits, "seed": self.seed, "profile": self.profile}
         if self.neighbourhood not in (None, False):
             params["neighbourhood"] = self.neighbourhood
+        if self.feature_blocks is not None:
+            params["feature_blocks"] = list(self.feature_blocks)
         return params
 
     def training_arrays(self) -> dict[str, np.ndarray]:

@@ -37,8 +37,8 @@ class ITQ(HashMethod):
     n_iter : int, default 50
     """
 
-    def __init__(self, bits, *, seed=0, n_iter: int = 50, neighbourhood=None):
-        super().__init__(bits, seed=seed, neighbourhood=neighbourhood)
+    def __init__(self, bits, *, seed=0, n_iter: int = 50, neighbourhood=None, feature_blocks=None):
+        super().__init__(bits, seed=seed, neighbourhood=neighbourhood, feature_blocks=feature_blocks)
         self.n_iter = int(n_iter)
 
     def _fit(self, features, labels):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .base import HashMethod, MethodError
+from .base import HashMethod, MethodError, check_feature_blocks
 from .neighbourhood import neighbourhood_params
 from .targets import bit_balance, make_target, pair_agreement, view_contrast
 
@@ -36,7 +36,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 # parameters every deep method reads, whether or not its profiles set them
 GENERIC_PARAMS = {"epochs", "lr", "batch_size", "weight_decay", "loss_weights", "backbone_lr_factor", "similarity",
-                  "neighbourhood", "view_count", "view_temperature"}
+                  "neighbourhood", "view_count", "view_temperature", "feature_blocks"}
 # loss terms every deep method offers on top of its paper's (targets.py); off unless a profile weights them
 SHARED_TERMS = ("balance", "pairs", "views")
 # the views term's defaults: views cached per training image, NT-Xent temperature (CIBHash's)
@@ -109,6 +109,7 @@ class DeepHashMethod(HashMethod):
         self.config = merged
         self.neighbourhood = merged.get("neighbourhood")
         neighbourhood_params(self.neighbourhood)
+        self.feature_blocks = check_feature_blocks(merged.get("feature_blocks"), self.name)
 
     @classmethod
     def finetune_profile(cls) -> str:
