@@ -159,15 +159,16 @@ def worker_device() -> torch.device:
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """One task's rows: Zarr chunk ``chunk`` spans rows ``[start, stop)`` of the version. ``positions``
-    are the rows it (re)computes from the source (None: all of them, in source order); its other
-    rows are copied from version ``base`` (an update) or left empty."""
+    """One task's rows: Zarr chunks ``chunk`` to ``chunk + chunks − 1`` span rows ``[start, stop)`` of
+    the version. ``positions`` are the rows it (re)computes from the source (None: all of them, in
+    source order); its other rows are copied from version ``base`` (an update) or left empty."""
 
     chunk: int
     start: int
     stop: int
     source_rows: np.ndarray
     positions: np.ndarray | None = None
+    chunks: int = 1  # an update groups chunks with few changed rows: one batch of images a task
 
 
 def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | None, width: int, dtype: str,
@@ -211,7 +212,7 @@ def _run_chunk(reader, transform, location: str, task: ChunkTask, base: str | No
         rows[transform.output][task.start:task.stop] = values
         rows["valid"][task.start:task.stop] = valid
         rows["reason"][task.start:task.stop] = reasons
-        group["chunk_done"][task.chunk] = 1
+        group["chunk_done"][task.chunk:task.chunk + task.chunks] = 1
     return ok, rejected, time.perf_counter() - started
 
 
@@ -328,12 +329,12 @@ def run_chunks(client, source: Source, group: zarr.Group, location: str, transfo
                plan: list[ChunkTask] | None = None, base: str | None = None,
                torch_threads: int = 1, desc: str = "encoding") -> dict:
     """Run every not-yet-done task of ``plan`` (default: the whole source) into ``group`` on the
-    cluster; returns counts. Each task owns one Zarr chunk, so no two tasks write the same object."""
+    cluster; returns counts. Each task owns its Zarr chunks, so no two tasks write the same object."""
     from dask.distributed import as_completed
 
     plan = plan if plan is not None else full_plan(len(source), group.attrs["chunk_rows"])
     done = group["chunk_done"][:]
-    todo = [t for t in plan if not done[t.chunk]]
+    todo = [t for t in plan if not done[t.chunk:t.chunk + t.chunks].all()]
     output = store.task_arrays(group)[transform.output]
     width, dtype = output.shape[1], str(output.dtype)
     if len(todo) < len(plan):
@@ -362,6 +363,7 @@ def run_chunks(client, source: Source, group: zarr.Group, location: str, transfo
     # worker start-up and waiting for the last task (bench/scale.py reports it)
     workers = len(client.scheduler_info().get("workers", {})) or 1
     wall = time.perf_counter() - started
-    return {"chunks": len(plan), "chunks_run": len(todo), "ok": ok, "rejected": rejected,
+    return {"chunks": sum(t.chunks for t in plan), "chunks_run": sum(t.chunks for t in todo), "tasks": len(todo),
+            "ok": ok, "rejected": rejected,
             "wall_seconds": round(wall, 2), "task_seconds": round(busy, 2), "workers": workers,
             "busy_share": round(busy / max(wall * workers, 1e-9), 4)}

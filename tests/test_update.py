@@ -199,5 +199,34 @@ def test_the_heaviest_chunks_start_first(image_folder, encoders, client, tmp_pat
     assert (result.added, result.changed) == (16, 1)
     started = sorted((min(s["start"] for s in t["startstops"] if s["action"] == "compute"), t["key"])
                      for t in stream.data if str(t["key"]).startswith("updating"))
-    assert len(started) == 10
+    assert len(started) == 3  # chunks 0–7 (1 image to encode) are one task, chunks 8 and 9 one each
     assert {key.rsplit("-", 1)[1] for _, key in started[:2]} == {"8", "9"}, started
+    # the task over eight chunks wrote each of them: the update equals a fresh encode
+    fresh = hashindex.encode(folder, encoders["itq"], str(tmp_path / "fresh.index"), chunk_rows=8, client=client)
+    assert _codes_by_id(hashindex.open(out)) == _codes_by_id(fresh)
+    assert hashindex.open(out, warm=False).attrs["run"]["tasks"] == 3
+
+
+def test_an_update_groups_chunks_with_few_changes_into_one_task():
+    """Each task encodes about a backbone batch: consecutive chunks with few changed images share a
+    task (at most TASK_CHUNKS), a chunk with a batch of its own is a task alone; every chunk is in
+    exactly one task, and each task's images lie in its rows."""
+    from hashindex.update import TASK_CHUNKS, TASK_IMAGES, _plan
+    rows_per_chunk, total = 1000, 1000 * 60 + 300
+    rng = np.random.default_rng(0)
+    changed = np.sort(rng.choice(1000 * 40, 20 * 40, replace=False))  # ~20 a chunk in chunks 0–39
+    new = np.arange(1000 * 55, total)                                  # chunks 55–60: new images only
+    positions = np.concatenate([changed, new])
+    plan = _plan(total, rows_per_chunk, positions, positions + 7)
+    covered = np.concatenate([np.arange(t.chunk, t.chunk + t.chunks) for t in plan])
+    assert np.array_equal(covered, np.arange(61))                      # every chunk once, in order
+    for t in plan:
+        assert t.start == t.chunk * rows_per_chunk and t.stop == min(total, (t.chunk + t.chunks) * rows_per_chunk)
+        assert ((t.positions >= t.start) & (t.positions < t.stop)).all()
+        assert np.array_equal(t.source_rows, t.positions + 7) and 1 <= t.chunks <= TASK_CHUNKS
+    heavy = [t for t in plan if t.chunk >= 55]
+    assert [t.chunks for t in heavy] == [1] * 6 and [len(t.positions) for t in heavy] == [1000] * 5 + [300]
+    light = [t for t in plan if t.chunk < 55]
+    assert sum(len(t.positions) for t in light) == len(changed) and len(light) <= 8  # not 55 tasks
+    # a light task closes once it has a batch or TASK_CHUNKS chunks; only the one before chunk 55 earlier
+    assert all(len(t.positions) >= TASK_IMAGES or t.chunks == TASK_CHUNKS for t in light[:-1])
