@@ -25,9 +25,9 @@ held-out queries among the held-out images.
 
 ``--blocks``: instead, which backbone blocks the unsupervised defaults take their features from
 (``feature_blocks``): float cosine, 32-bit ITQ on the raw features and UHGA's default profile on the
-pooled head and on pooled outputs of middle blocks, alone and concatenated (measured, split 0:
-head 0.642, blocks 14 0.677, 10+14 0.676, 12+14 0.689, 8+10+12+14 0.691, 10+12+14 0.694, ITQ on
-10+12+14 0.559).
+pooled head and on pooled outputs of middle blocks, alone and concatenated (measured, split 0,
+UHGA: head 0.642, block 14 0.680, 10+14 0.686, 12+14 0.685, 8+10+12+14 0.681, 10+12+14 0.691;
+ITQ 0.530 on the head, 0.567 on 10+12+14).
 
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among

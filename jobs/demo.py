@@ -4,7 +4,7 @@ Fashion-MNIST (Debian's dataset-fashion-mnist) when installed, else scikit-learn
 cache backbone features of the protocol's training images → train the best unsupervised method
 (its default profile) → encode the database with Dask into a Zarr index → encode the queries →
 search → mAP@all, mAP@1000, precision within radius 2. ITQ, the baseline to beat, is trained on the
-same features and scored beside it on the queries and a seeded sample of the database (``--baseline-rows``),
+same training images (through its own network: the pooled head, where UHGA's default pools middle blocks) and scored beside it on the queries and a seeded sample of the database (``--baseline-rows``),
 encoded through the same pipeline, so the demo shows what the learned codes add.
 
     python jobs/demo.py [--out runs/demo] [--bits 32] [--method uhga] [--image-size 64]
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     with dask_client(args.scheduler, n_workers=args.workers) as client:
         started = time.perf_counter()
-        # the network the method trains on (DPFAH: SimAM after the stem)
+        # the network the method trains on (UHGA's default: pooled blocks 10, 12, 14; DPFAH's paper: SimAM)
         features = hashindex.cached_features(source.subset(train), hashindex.method_backbone(args.method, spec),
                                              client=client)
         times["features of training images"] = time.perf_counter() - started
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             sample = np.sort(np.random.default_rng(0).choice(len(database), min(args.baseline_rows, len(database)),
                                                             replace=False))
-            base_features = hashindex.cached_features(  # the same cache unless the method has stem attention
+            base_features = hashindex.cached_features(  # its own network: the pooled head
                 source.subset(train), hashindex.method_backbone(args.baseline, spec), client=client)
             base_encoder = hashindex.train_encoder(source.subset(train), args.baseline, args.bits, backbone=spec,
                                                    features=base_features)

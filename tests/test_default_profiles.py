@@ -1,11 +1,11 @@
 """Every unsupervised method's default profile learns codes better than ITQ on the same features.
 
-Each trains its default profile as shipped on 1,000 real
-Fashion-MNIST training features and is scored on 200 held-out training images, never on protocol
-queries. ITQ on the raw features scores 0.521 here and ITQ on the neighbourhood embedding 0.554;
-the defaults measured UHGA 0.579, NRDH 0.564, LAGNH 0.565, UCSH 0.542. Without the embedding or the
-calibrated pair fit they fall to ITQ or below (bench/results/compare_64px.md's ablation rows), so
-losing either, or breaking the encoder's anchors, turns this red.
+Each trains its default profile as shipped on 1,000 real Fashion-MNIST training images' features,
+through the network the profile names (UHGA, NRDH and UCSH: pooled outputs of backbone blocks 10, 12
+and 14; LAGNH: the pooled head), and is scored on 200 held-out training images, never on protocol
+queries, against ITQ fitted to the same features. Without the embedding or the calibrated pair fit
+the defaults fall to ITQ or below (bench/results/compare_64px.md's ablation rows), so losing either,
+or breaking the encoder's anchors, turns this red.
 """
 import pytest
 

@@ -239,6 +239,8 @@ def test_an_encoder_on_feature_blocks_encodes_images_as_it_trained(sample):
     assert again.backbone_spec == spec and again.id == encoder.id
     codes = again.encode_pixels(sample["pixels"][200:300])
     assert (codes == encoder.encode_features(features[200:300])).mean() > 0.999
+    alone = np.concatenate([again.encode_pixels(sample["pixels"][i:i + 1]) for i in range(200, 232)])
+    assert (alone == codes[:32]).all()  # an image's code depends on it alone, not on its batch
 
 
 def test_encoder_records_the_stem_attention(sample):

@@ -84,6 +84,8 @@ def test_train_encoder_computes_the_views_it_trains_on(fmnist, cache_dir, client
     params = {"epochs": 2, "view_count": 2, "loss_weights": {"views": 1.0}}
     encoder = train_encoder(small, "uhga", 16, backbone=spec, client=client, params=params)
     assert encoder.training["params"]["loss_weights"]["views"] == 1.0
-    assert any(name.startswith("efficientnet-lite0-32px-2v") for name in os.listdir(os.path.join(cache_dir, "views")))
+    # through the network the profile trains on (UHGA's default: pooled blocks 10, 12, 14)
+    assert encoder.backbone_spec.blocks == (10, 12, 14)
+    assert any(name.startswith("efficientnet-lite0-b10.12.14-32px-2v") for name in os.listdir(os.path.join(cache_dir, "views")))
     with pytest.raises(MethodError, match="views term is for head mode"):
         train_encoder(small, "uhga", 16, backbone=spec, client=client, mode="finetune", params={**params, "profile": "paper"})
