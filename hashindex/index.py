@@ -46,6 +46,9 @@ WARM_PLAN_QUERIES = 8
 # import competes with the scan for the GIL and the cores (~0.5-0.7 s at 10M codes on 2 cores), so
 # a process asking a handful of queries is better off never starting it.
 WARM_KERNELS_AFTER_SECONDS = 0.2
+# The same with MIH tables stored with the index: numpy MIH answers a few times faster than the
+# scan, so loading numba (which takes the GIL from it for ~0.5 s) pays later.
+WARM_KERNELS_WITH_TABLES_SECONDS = 0.25
 # Queries (with their k-th distances) kept from the scan's answers for mih.plan.
 PLAN_QUERIES = 32
 # A fresh process spends ~0.5 s importing numba and loading the linear scan's compiled kernels before
@@ -92,9 +95,19 @@ class Index:
 
     # -- background preparation -------------------------------------------------------------------
     def _load_kernels(self) -> None:
-        """Build the numba scan and run it once: loads its compiled kernels (compiles them on a
-        fresh install, once, into numba's cache)."""
+        """Build the numba scan, or MIH over the stored tables, and run it once: loads its compiled
+        kernels (compiles them on a fresh install, once, into numba's cache)."""
         try:
+            if self._stored_tables is not None:
+                from .mih import MultiIndexHashing
+
+                tables = self._stored_tables
+                mih = MultiIndexHashing.from_tables(tables)
+                # a stored code as the query: the codes themselves need not be read
+                mih.search(tables.arrays["ctab"][:-(-tables.nbytes // 8)].view(np.uint8)[None, :tables.nbytes], 1)
+                self._mih = mih
+                logger.info("%s: MIH over the stored tables (m=%d) answers from now on", self.path, mih.m)
+                return
             scan = LinearScan(self._searchable_codes)
             scan.search(self._searchable_codes[:1], 1)
             self.__dict__["_linear"] = scan
@@ -196,13 +209,16 @@ class Index:
     # -- search --------------------------------------------------------------------------------
     @property
     def searcher(self) -> str:
-        """``"numpy"``, ``"linear"`` or ``"mih"``: what answers this index's next single query."""
+        """``"numpy"``, ``"numpy-mih"`` (numpy over stored MIH tables), ``"linear"``, ``"mih"`` or
+        ``"mih-compact"``: what answers this index's next single query."""
         return self._choose(1)
 
     def _choose(self, nqueries: int) -> str:
         """The searcher for a call of ``nqueries`` queries.
 
-        ``"auto"`` climbs by a rent-or-buy rule, each step taken once the time spent answering would
+        With tables stored in the index (:attr:`_stored_tables`), ``"auto"`` answers by MIH over them:
+        in numpy (``"numpy-mih"``) until loading numba's kernels would have paid, then in numba.
+        Otherwise ``"auto"`` climbs by a rent-or-buy rule, each step taken once the time spent answering would
         have paid for it: the numpy scan answers first (nothing to load), the numba linear scan once
         loading its kernels (:data:`KERNEL_LOAD_SECONDS`) pays, and MIH once building its tables
         would have paid, if then MIH's cost model, run on the queries the scans answered
@@ -222,6 +238,9 @@ class Index:
         if self._mih is not None:
             return "mih-compact" if self._mih.layout == "compact" else "mih"
         spent = self._scan_seconds
+        if self._stored_tables is not None:  # MIH needs no build: numpy's until loading numba pays
+            kernels_ready = "hashindex._bitops" in sys.modules
+            return "mih" if kernels_ready or spent >= KERNEL_LOAD_SECONDS else "numpy-mih"
         # spent >= MIH_PLAN_SECONDS first: the numpy stage ends before that, so a one-off query
         # never imports numba here
         if (self._plan is None and len(self._seen_kth) and spent >= MIH_PLAN_SECONDS
@@ -243,6 +262,11 @@ class Index:
         mih = self._mih
         if mih is not None:
             return "mih-compact" if mih.layout == "compact" else "mih"
+        if self._stored_tables is not None:
+            if self._loader is None and self._scan_seconds >= WARM_KERNELS_WITH_TABLES_SECONDS:
+                self._loader = threading.Thread(target=self._load_kernels, name="hashindex-kernels", daemon=True)
+                self._loader.start()
+            return "numpy-mih"
         if self._loader is None and self._scan_seconds >= WARM_KERNELS_AFTER_SECONDS:
             # not before: a few queries are answered sooner without the import running beside them
             self._loader = threading.Thread(target=self._load_kernels, name="hashindex-kernels", daemon=True)
@@ -320,12 +344,36 @@ class Index:
     def _numpy(self) -> NumpyScan:
         return NumpyScan(self._searchable_codes)
 
+    @cached_property
+    def _stored_tables(self):
+        """The MIH tables stored with this version (:mod:`hashindex.mih_tables`), memory-mapped, where
+        it has them and MIH may be used within ``table_memory``; else None."""
+        if self._searcher_choice not in ("auto", "mih"):
+            return None
+        from . import mih_tables
+
+        tables = mih_tables.load(str(self._group.store_path), self.ntotal, self.bits // 8)
+        if tables is not None and self._searcher_choice == "auto" and tables.nbytes_on_disk > self.table_memory:
+            return None
+        return tables
+
+    @cached_property
+    def _numpy_mih(self):
+        from .mih_tables import NumpyMIH
+
+        return NumpyMIH(self._stored_tables, lambda: self._numpy)
+
     def _engine(self, nqueries: int):
         choice = self._choose(nqueries)
         if choice == "numpy":
             return self._numpy
+        if choice == "numpy-mih":
+            return self._numpy_mih
         if choice == "linear":
             return self._linear  # the background loader's scan, once it has cached one
+        if self._mih is None and choice == "mih" and self._stored_tables is not None:
+            from .mih import MultiIndexHashing
+            self._mih = MultiIndexHashing.from_tables(self._stored_tables)
         if self._mih is None:
             from .mih import MultiIndexHashing
             layout = "compact" if choice == "mih-compact" else "copied"
@@ -420,6 +468,8 @@ class Index:
     def info(self) -> dict:
         return {"path": self.path, "version": self.version, "bits": self.bits, "rows": len(self),
                 "searchable": self.ntotal, "searcher": self.searcher,
+                "stored_tables": None if self._stored_tables is None else
+                {"m": self._stored_tables.m, "bytes": self._stored_tables.nbytes_on_disk},
                 **{k: v for k, v in self.attrs.items() if k not in ("bits",)},
                 "versions": store.list_versions(self.path) if self.version else []}
 
@@ -448,6 +498,12 @@ def open(path: str, *, searcher: str = "auto", table_memory: int | None = None, 
     available when it decides. That admits the fast copied tables at 64 bits (10M 64-bit codes: 76 MB
     of codes, ~570 MB of copied tables, 5x the scan on random codes, where the compact ones lose to
     it), the choice of a user with memory to spare; ``table_memory=0`` keeps a process at its codes.
+
+    Stored tables: a local index of at least 2^20 64-bit words is published with its MIH tables
+    (:mod:`hashindex.mih_tables`), which ``"auto"`` and ``"mih"`` memory-map instead of building:
+    ``"auto"`` answers by MIH in numpy from the first query, then (``warm``, once it has answered for
+    :data:`WARM_KERNELS_WITH_TABLES_SECONDS`) by the numba kernels over the same tables. Opening a
+    local index reads its metadata only; zarr is imported when an array is first read.
 
     ``warm`` (default True; with ``"auto"``, on indexes above :data:`WARM_MIN_WORDS` words): once
     the numpy scan has answered for :data:`WARM_KERNELS_AFTER_SECONDS`, the numba kernels load on a background thread (compiled once into numba's

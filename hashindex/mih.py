@@ -58,6 +58,7 @@ from numba.extending import overload
 from . import _bitops
 from ._bitops import (KEY_SHIFT, POSITION_MASK, SENTINEL_KEY, _U0, _U1, _U63, _U64, _USENT, _heapsort,
                       _heapsort_key, _sift_down, _sift_down_key, popcount64, prefetch)
+from .mih_tables import ARRAYS, StoredTables, extract as _extract_np, substrings as _substrings
 from .search import (LinearScan, empty_result, empty_result_radius, _check_codes, _check_k, _check_queries,
                      _check_radius)
 
@@ -223,23 +224,6 @@ def _deepest_pass(radii: np.ndarray, m: int) -> np.ndarray:
     """[q, m]: the largest key distance probed in each table by a k-NN query whose k-th distance is
     r: it stops after pass (r // m, r % m), so tables j <= r % m reach r // m, the rest one less."""
     return (radii // m)[:, None] - (np.arange(m)[None, :] > (radii % m)[:, None])
-
-
-def _substrings(bits: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bit ranges [start, start+len) of the m substrings; lengths differ by <= 1."""
-    lens = np.full(m, bits // m, dtype=np.int64)
-    lens[: bits % m] += 1
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    return starts, lens
-
-
-def _extract_np(words: np.ndarray, start: int, length: int) -> np.ndarray:
-    """Bits [start, start+length) of each row of uint64 [N, W] words as uint64 keys."""
-    w, sh = divmod(start, 64)
-    key = words[:, w] >> np.uint64(sh)
-    if sh + length > 64:
-        key = key | (words[:, w + 1] << np.uint64(64 - sh))
-    return key & np.uint64((1 << length) - 1)
 
 
 def _masks(starts, lens, nwords) -> np.ndarray:
@@ -833,6 +817,28 @@ class MultiIndexHashing:
         self._words = _bitops.words_per_code(self.nbytes)
         self._build(_bitops.pack_rows(codes))
 
+    @classmethod
+    def from_tables(cls, tables: StoredTables) -> "MultiIndexHashing":
+        """MIH over tables stored with an index (:mod:`hashindex.mih_tables`), without building."""
+        self = cls.__new__(cls)
+        self.layout, self.ntotal, self.nbytes, self.m = "copied", tables.ntotal, tables.nbytes, tables.m
+        self.bits = 8 * self.nbytes
+        self.split_single_query = True
+        self._words = _bitops.words_per_code(self.nbytes)
+        self._set_tables(tables.arrays)
+        return self
+
+    def table_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays that make up the tables (:data:`hashindex.mih_tables.ARRAYS`), to store them."""
+        return dict(zip(ARRAYS, self._table_args))
+
+    def _set_tables(self, arrays: dict) -> None:
+        (self._sub_starts, self._sub_lens, self._masks, self._ctab, self._itab, self._dense, self._direct,
+         self._direct_base, self._keys, self._key_base, self._nkeys, self._starts) = (arrays[name] for name in ARRAYS)
+        self._budget = np.uint64(max(1, int(_FALLBACK_FRACTION * self.ntotal)))
+        # the kernels' table arguments, in their order
+        self._table_args = tuple(arrays[name] for name in ARRAYS)
+
     @cached_property
     def _scan(self) -> LinearScan:
         """The linear scan that answers queries MIH gives up on, built at the first such query (so
@@ -892,20 +898,12 @@ class MultiIndexHashing:
                 nk += uniq.size
                 del skey
         # the kernels tell the layouts apart by ctab's rank (_word)
-        self._ctab = ctab.reshape(-1) if copied else np.ascontiguousarray(words)
-        self._itab = itab.reshape(-1)
-        self._dense = dense
-        self._direct = np.concatenate(direct) if direct else np.zeros(1, dtype=off_dtype)
-        self._direct_base = direct_base
-        self._keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
-        self._key_base = key_base
-        self._nkeys = nkeys
-        self._starts = np.concatenate(starts_)
-        self._budget = np.uint64(max(1, int(_FALLBACK_FRACTION * n)))
-        # the kernels' table arguments, in their order
-        self._table_args = (self._sub_starts, self._sub_lens, self._masks, self._ctab, self._itab, self._dense,
-                            self._direct, self._direct_base, self._keys, self._key_base, self._nkeys, self._starts)
-
+        self._set_tables({
+            "sub_starts": self._sub_starts, "sub_lens": self._sub_lens, "masks": self._masks,
+            "ctab": ctab.reshape(-1) if copied else np.ascontiguousarray(words), "itab": itab.reshape(-1),
+            "dense": dense, "direct": np.concatenate(direct) if direct else np.zeros(1, dtype=off_dtype),
+            "direct_base": direct_base, "keys": np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64),
+            "key_base": key_base, "nkeys": nkeys, "starts": np.concatenate(starts_)})
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest codes; same contract as :meth:`LinearScan.search`."""

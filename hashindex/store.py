@@ -37,11 +37,20 @@ import sys
 import uuid
 import zlib
 
-import fsspec
-import numpy as np
-import zarr
+import json
+from functools import cached_property
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from . import mih_tables
 from .errors import HashindexError
+
+if TYPE_CHECKING:
+    import zarr
+
+# zarr and fsspec (~0.2 s to import) are imported where used: opening a local index and answering
+# from its stored MIH tables needs neither.
 
 FORMAT = "hashindex"
 FORMAT_VERSION = 2
@@ -66,7 +75,24 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def local_path(location: str) -> str | None:
+    """The filesystem path of a local location (a plain path or a file:// URL); None for other URLs."""
+    location = str(location)
+    if location.startswith("file://"):
+        return location[len("file://"):]
+    return None if "://" in location or "::" in location else location
+
+
 def read_pointer(index: str) -> str | None:
+    local = local_path(index)
+    if local is not None:
+        try:
+            with open(_join(local, POINTER), "rb") as f:
+                return f.read().decode().strip() or None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+    import fsspec
+
     fs, path = fsspec.core.url_to_fs(index)
     try:
         return fs.cat_file(_join(path, POINTER)).decode().strip() or None
@@ -76,6 +102,8 @@ def read_pointer(index: str) -> str | None:
 
 def write_pointer(index: str, version: str) -> None:
     """Point readers at ``version``: a rename on local disks, one object PUT on object stores."""
+    import fsspec
+
     fs, path = fsspec.core.url_to_fs(index)
     target = _join(path, POINTER)
     with writing(index, "publishing version " + version):
@@ -115,6 +143,8 @@ def create_version(location: str, *, ids: np.ndarray, chunk_rows: int, output: t
     version, ``("features", d, "float16")`` for a feature cache. ``id_crc32``: the ids' checksums
     where the caller has them (an update, from its base), else computed here.
     """
+    import zarr
+
     attrs = dict(attrs or {})
     try:
         group = zarr.open_group(location, mode="r+")
@@ -143,6 +173,8 @@ def task_arrays(group: zarr.Group) -> zarr.Group:
 
 
 def _create(location, ids, chunk_rows, output, labels, encoder_bytes, stamps, removed, id_crc32, attrs) -> zarr.Group:
+    import zarr
+
     n = len(ids)
     group = zarr.open_group(location, mode="w")
     rows = max(1, min(chunk_rows, n))
@@ -220,11 +252,18 @@ def finish_version(group: zarr.Group) -> dict:
     removed = group["removed"][:] if "removed" in group else np.zeros(len(valid), bool)
     summary = {"valid": int((valid & ~removed).sum()), "rejected": int((~valid & ~removed).sum()),
                "removed": int(removed.sum()), "complete": True, "finished": _now()}
+    if "codes" in group and summary["valid"] * -(-int(group["codes"].shape[1]) // 8) >= mih_tables.STORE_MIN_WORDS:
+        # before "complete": a reader never opens the version without the tables it will have
+        codes = group["codes"][:]
+        searchable = valid & ~removed
+        mih_tables.write(str(group.store_path), codes if searchable.all() else codes[searchable])
     group.attrs.update(summary)
     return summary
 
 
 def version_names(index: str) -> list[str]:
+    import fsspec
+
     fs, path = fsspec.core.url_to_fs(index)
     try:
         entries = fs.ls(path, detail=False)
@@ -235,6 +274,8 @@ def version_names(index: str) -> list[str]:
 
 def list_versions(index: str) -> list[dict]:
     """Every version folder of an index with its state, newest first; ``current`` marks the published one."""
+    import zarr
+
     current = read_pointer(index)
     versions = []
     for name in version_names(index):
@@ -258,6 +299,8 @@ def prune_versions(index: str, keep: int) -> list[str]:
         raise StoreError(f"keep must be at least 1, got {keep}")
     complete = [v for v in list_versions(index) if v["complete"]]
     doomed = [v["name"] for v in complete[keep:] if not v["current"]]
+    import fsspec
+
     fs, path = fsspec.core.url_to_fs(index)
     for name in doomed:
         with writing(index, f"deleting old version {name}"):
@@ -273,16 +316,62 @@ def resolve(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def open_group(path: str) -> tuple[zarr.Group, str | None]:
-    location, version = resolve(path)
-    fs, local = fsspec.core.url_to_fs(location)
-    if not fs.exists(local):
-        raise StoreError(f"{path}: no index here" if version is None else
-                          f"{path}: published version {version} is missing")
+class _Attributes(dict):
+    """Read-only group attributes with zarr's ``asdict``."""
+
+    def asdict(self) -> dict:
+        return dict(self)
+
+
+class LocalGroup:
+    """A local version's group opened for reading: its attributes read from its ``zarr.json`` (the
+    Zarr v3 group metadata) as plain JSON, zarr imported and the group opened only when an array is
+    read. A query answered from stored MIH tables reads no array, so its process never imports zarr."""
+
+    def __init__(self, location: str, attrs: dict):
+        self.store_path, self.attrs = location, _Attributes(attrs)
+
+    @cached_property
+    def zarr_group(self) -> "zarr.Group":
+        import zarr
+
+        return zarr.open_group(self.store_path, mode="r")
+
+    def __getitem__(self, name: str):
+        return self.zarr_group[name]
+
+    def __contains__(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.store_path, name, "zarr.json"))
+
+
+def _local_group(location: str) -> LocalGroup | None:
+    """A local Zarr v3 group's :class:`LocalGroup`, or None where ``location`` holds no such group."""
     try:
-        group = zarr.open_group(location, mode="r")
-    except FileNotFoundError:
-        raise StoreError(f"{path}: no index here (no {POINTER} file and not a Zarr group)") from None
+        with open(os.path.join(location, "zarr.json")) as f:
+            meta = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        return None
+    return LocalGroup(location, meta.get("attributes", {}))
+
+
+def open_group(path: str) -> tuple["zarr.Group | LocalGroup", str | None]:
+    location, version = resolve(path)
+    local = local_path(location)
+    group = None if local is None else _local_group(local)
+    if group is None:
+        import fsspec
+        import zarr
+
+        fs, inner = fsspec.core.url_to_fs(location)
+        if not fs.exists(inner):
+            raise StoreError(f"{path}: no index here" if version is None else
+                              f"{path}: published version {version} is missing")
+        try:
+            group = zarr.open_group(location, mode="r")
+        except FileNotFoundError:
+            raise StoreError(f"{path}: no index here (no {POINTER} file and not a Zarr group)") from None
     attrs = group.attrs.asdict()
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path}: not a hashindex index (format attribute is {attrs.get('format')!r})")
