@@ -128,8 +128,8 @@ def plot(payload: dict, path: Path) -> None:
     for r in payload["rows"]:
         name = f"{r['codes']}{' cold JIT' if r['case'] == 'cold' else ''}"
         series.setdefault(name, {})[r["count"]] = r["ratio"]
-    plot_lines(series, path, f"open() + Q single queries: faiss Flat time / ours ({payload['n']:,} × "
-               f"{payload['bits']} bits)", "queries after open (Q)", "× faiss IndexBinaryFlat", logy=True)
+    plot_lines(series, path, f"open() + Q queries, {payload['n'] / 1e6:g}M × {payload['bits']} bits: "
+               "faiss Flat time / ours", "queries after open (Q)", "× faiss IndexBinaryFlat", logy=True, logx=True)
 
 
 def main(argv=None) -> int:

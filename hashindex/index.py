@@ -46,8 +46,10 @@ WARM_PLAN_QUERIES = 8
 # import competes with the scan for the GIL and the cores (~0.5-0.7 s at 10M codes on 2 cores), so
 # a process asking a handful of queries is better off never starting it.
 WARM_KERNELS_AFTER_SECONDS = 0.2
-# The same with MIH tables stored with the index: numpy MIH answers a few times faster than the
-# scan, so loading numba (which takes the GIL from it for ~0.5 s) pays later.
+# The same with MIH tables stored with the index: numpy MIH answers ~2 ms a query at 10M codes and
+# numba's MIH ~0.25 ms, but loading numba takes ~0.35 s of GIL from the answering thread. Measured
+# at 10M random 64-bit codes (bench/open_query.py): 0.25 s keeps 100 queries (~0.17 s) clear of the
+# load, and 1,000 queries finish in ~1 s; at 0.15-0.2 s the load lands inside the first 100.
 WARM_KERNELS_WITH_TABLES_SECONDS = 0.25
 # Queries (with their k-th distances) kept from the scan's answers for mih.plan.
 PLAN_QUERIES = 32

@@ -46,6 +46,9 @@ ARRAYS = ("sub_starts", "sub_lens", "masks", "ctab", "itab", "dense", "direct", 
 # A numpy MIH query gives up and scans once it would touch more table entries than this share of N:
 # a gathered entry costs a few times a scanned one.
 NUMPY_FALLBACK_FRACTION = 0.25
+# Buckets of at least this many entries on average are copied as slices (one Python-level slice
+# each); smaller ones are gathered by index (one numpy call for all, but an index per entry).
+SLICE_MIN_ENTRIES = 64
 
 
 def substrings(bits: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -273,20 +276,31 @@ class NumpyMIH:
                     return None
                 if total:
                     entry, gathered, counts = self._scratch(total)
-                    # entry indices of the visited buckets, in bucket order: a running sum of steps of
-                    # 1 that jump at each bucket's start
-                    entry.fill(1)
                     ends = np.cumsum(sizes)
-                    entry[0] = lo[0]
-                    entry[ends[:-1]] = lo[1:] - (lo[:-1] + sizes[:-1]) + 1
-                    np.cumsum(entry, out=entry)
-                    np.take(self._ctab[j], entry, axis=0, out=gathered, mode="wrap")  # in range: no check
+                    if sizes.size * SLICE_MIN_ENTRIES <= total:
+                        # large buckets: copy them whole (a slice each); entries found later
+                        table = self._ctab[j]
+                        np.concatenate([table[a:b] for a, b in zip(lo.tolist(), (lo + sizes).tolist())], out=gathered)
+                        entry = None
+                    else:
+                        # many small buckets: their entry indices, a running sum of steps of 1 that
+                        # jump at each bucket's start, then one gather
+                        entry.fill(1)
+                        entry[0] = lo[0]
+                        entry[ends[:-1]] = lo[1:] - (lo[:-1] + sizes[:-1]) + 1
+                        np.cumsum(entry, out=entry)
+                        np.take(self._ctab[j], entry, axis=0, out=gathered, mode="wrap")  # in range: no check
                     np.bitwise_xor(gathered, q, out=gathered)
                     np.bitwise_count(gathered, out=counts)
                     d = counts[:, 0] if self._words == 1 else counts.sum(axis=1, dtype=np.int64)
                     near = np.flatnonzero(d <= best_d[k - 1]) if best_d.size >= k else np.arange(total)
                     if near.size:
-                        p = np.concatenate([best_p, self._itab[j][entry[near]].astype(np.int64)])
+                        if entry is None:
+                            bucket_of = np.searchsorted(ends, near, side="right")
+                            found = lo[bucket_of] + near - (ends - sizes)[bucket_of]
+                        else:
+                            found = entry[near]
+                        p = np.concatenate([best_p, self._itab[j][found].astype(np.int64)])
                         d = np.concatenate([best_d, d[near].astype(np.int64)])
                         p, first = np.unique(p, return_index=True)  # a code met again in a later table
                         order = np.lexsort((p, d[first]))[:k]

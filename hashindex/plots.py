@@ -112,7 +112,8 @@ def plot_bars(values: dict, path, title: str, ylabel: str) -> Path:
     return _save(fig, path)
 
 
-def plot_lines(series: dict, path, title: str, xlabel: str, ylabel: str, *, logy: bool = False) -> Path:
+def plot_lines(series: dict, path, title: str, xlabel: str, ylabel: str, *, logy: bool = False,
+               logx: bool = False) -> Path:
     """One line per label through ``{x: y}`` points (e.g. mAP against code length per method).
 
     Parameters
@@ -122,16 +123,19 @@ def plot_lines(series: dict, path, title: str, xlabel: str, ylabel: str, *, logy
     path : str or Path
         Output PNG file; parent directories are created.
     title, xlabel, ylabel : str
-    logy : bool
-        Logarithmic y axis (for times spanning orders of magnitude).
+    logy, logx : bool
+        Logarithmic axes (for times or counts spanning orders of magnitude).
     """
     fig, ax = _axes(title, xlabel, ylabel)
     for label, points in series.items():
         xs = sorted(points, key=float)
         ax.plot([float(x) for x in xs], [points[x] for x in xs], marker="o", label=str(label))
     xs = sorted({float(x) for points in series.values() for x in points})
+    if logx:
+        ax.set_xscale("log")
     if xs:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
     if logy:
         ax.set_yscale("log")
     if series:

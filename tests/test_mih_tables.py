@@ -33,8 +33,11 @@ def tables_of(index):
     return mih_tables.load(str(index._group.store_path), index.ntotal, index.bits // 8)
 
 
+@pytest.mark.parametrize("slice_min", [1, 10**9])  # buckets copied as slices / gathered by index
 @pytest.mark.parametrize("nbytes, distinct", [(8, None), (8, 2000), (5, None)])
-def test_numpy_and_numba_mih_over_stored_tables_give_the_scan_results(tmp_path, store_small, nbytes, distinct):
+def test_numpy_and_numba_mih_over_stored_tables_give_the_scan_results(tmp_path, store_small, monkeypatch, nbytes,
+                                                                      distinct, slice_min):
+    monkeypatch.setattr(mih_tables, "SLICE_MIN_ENTRIES", slice_min)
     codes, queries = codes_and_queries(nbytes, 60_000, nbytes + (distinct or 0), distinct)
     index = hashindex.write_index(str(tmp_path / "idx"), codes, chunk_rows=8192)
     assert os.path.exists(os.path.join(str(tmp_path / "idx"), index.version, mih_tables.TABLES_DIR, "meta.json"))
