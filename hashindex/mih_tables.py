@@ -4,8 +4,8 @@ Building MIH tables for 10M 64-bit codes takes ~3 s (after numba has loaded, ~0.
 process asking a few hundred queries never earns back, so such a process used to scan. When a
 local index is published (:func:`hashindex.store.finish_version`), the tables
 :class:`~hashindex.mih.MultiIndexHashing` builds for its searchable codes (the copied layout, the
-default ``m``, or fewer within :data:`STORE_MAX_RATIO`) are written beside it as raw ``.npy`` files in ``<version>/mih/``; :func:`load`
-memory-maps them, so opening costs nothing and pages are read as buckets are visited. The first
+default ``m``, or fewer within :data:`STORE_MAX_RATIO`) are written beside it as raw ``.npy`` files
+in ``<version>/mih/``; :func:`load` memory-maps them, so opening costs nothing and pages are read as buckets are visited. The first
 queries after ``open()`` then run MIH in numpy (:class:`NumpyMIH`: nothing to load or compile),
 and the numba kernels, once loaded in the background, search the same mapped arrays
 (``MultiIndexHashing.from_tables``). Both give the linear scan's results, ties by position.
@@ -17,6 +17,7 @@ codes; a version smaller than :data:`STORE_MIN_WORDS` gets none.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -79,11 +80,6 @@ def as_words(codes: np.ndarray) -> np.ndarray:
     return buf.view(np.uint64).reshape(n, words)
 
 
-def table_bytes(n: int, nbytes: int, m: int) -> int:
-    """Bytes of stored copied tables for ``n`` codes of ``nbytes`` bytes in ``m`` tables."""
-    return m * n * (8 * -(-nbytes // 8) + 4)
-
-
 class StoredTables:
     """The arrays of a version's stored tables (memory-mapped), with ``ntotal``, ``nbytes``, ``m``."""
 
@@ -119,7 +115,7 @@ def write(location: str, codes: np.ndarray) -> StoredTables | None:
 
     # the default m, or fewer tables where those would exceed the budget (fewer, longer substrings)
     m = min(default_m(8 * nbytes, n), STORE_MAX_RATIO * nbytes // (8 * -(-nbytes // 8) + 4))
-    if m < 1 or -(-8 * nbytes // m) > 24:  # numpy MIH enumerates keys of at most 24 bits
+    if m < 1 or -(-8 * nbytes // m) > 24:  # keys of more bits need a key space beyond 4 x 4M codes
         return None
     mih = MultiIndexHashing(codes, m=m, layout="copied")
     if not mih._dense.all():  # sparse key tables are not worth storing (substrings of > log2(4N) bits)
@@ -182,10 +178,8 @@ def load(location: str, ntotal: int, nbytes: int) -> StoredTables | None:
 @lru_cache(maxsize=None)
 def _flips(length: int, distance: int) -> np.ndarray:
     """Every ``length``-bit key with ``distance`` bits set (uint64), in ascending order."""
-    if length > 24:
-        raise ValueError("numpy MIH enumerates substrings of at most 24 bits")
-    keys = np.arange(1 << length, dtype=np.uint64)
-    return keys[np.bitwise_count(keys) == distance]
+    keys = [sum(1 << bit for bit in bits) for bits in itertools.combinations(range(length), distance)]
+    return np.sort(np.array(keys, dtype=np.uint64))
 
 
 class NumpyMIH:

@@ -34,16 +34,20 @@ def tables_of(index):
 
 
 @pytest.mark.parametrize("slice_min", [1, 10**9])  # buckets copied as slices / gathered by index
-@pytest.mark.parametrize("nbytes, distinct", [(8, None), (8, 2000), (5, None)])
+@pytest.mark.parametrize("nbytes, distinct", [(8, None), (8, 2000), (5, None), (16, None)])
 def test_numpy_and_numba_mih_over_stored_tables_give_the_scan_results(tmp_path, store_small, monkeypatch, nbytes,
                                                                       distinct, slice_min):
     monkeypatch.setattr(mih_tables, "SLICE_MIN_ENTRIES", slice_min)
+    # 128-bit codes take two words; at this size only more tables than the 8x budget allows keep
+    # their substrings short enough for dense key tables
+    monkeypatch.setattr(mih_tables, "STORE_MAX_RATIO", 64 if nbytes == 16 else mih_tables.STORE_MAX_RATIO)
     codes, queries = codes_and_queries(nbytes, 60_000, nbytes + (distinct or 0), distinct)
     index = hashindex.write_index(str(tmp_path / "idx"), codes, chunk_rows=8192)
     assert os.path.exists(os.path.join(str(tmp_path / "idx"), index.version, mih_tables.TABLES_DIR, "meta.json"))
     tables = tables_of(index)
     assert tables is not None and tables.ntotal == len(codes) and tables.m >= 2
-    assert index.info()["stored_tables"] == {"m": tables.m, "bytes": tables.nbytes_on_disk}
+    opened = hashindex.open(str(tmp_path / "idx"), table_memory=1 << 40)  # the 128-bit tables exceed 8x
+    assert opened.info()["stored_tables"] == {"m": tables.m, "bytes": tables.nbytes_on_disk}
     numpy_mih = mih_tables.NumpyMIH(tables, lambda: NumpyScan(codes))
     numba_mih = MultiIndexHashing.from_tables(tables)
     scan = LinearScan(codes)
