@@ -103,10 +103,8 @@ class Index:
             if self._stored_tables is not None:
                 from .mih import MultiIndexHashing
 
-                tables = self._stored_tables
-                mih = MultiIndexHashing.from_tables(tables)
-                # a stored code as the query: the codes themselves need not be read
-                mih.search(tables.arrays["ctab"][:-(-tables.nbytes // 8)].view(np.uint8)[None, :tables.nbytes], 1)
+                mih = MultiIndexHashing.from_tables(self._stored_tables)
+                mih.search(self._stored_tables.a_code(), 1)  # a stored code: the codes need not be read
                 self._mih = mih
                 logger.info("%s: MIH over the stored tables (m=%d) answers from now on", self.path, mih.m)
                 return
@@ -373,15 +371,15 @@ class Index:
             return self._numpy_mih
         if choice == "linear":
             return self._linear  # the background loader's scan, once it has cached one
-        if self._mih is None and choice == "mih" and self._stored_tables is not None:
-            from .mih import MultiIndexHashing
-            self._mih = MultiIndexHashing.from_tables(self._stored_tables)
         if self._mih is None:
             from .mih import MultiIndexHashing
-            layout = "compact" if choice == "mih-compact" else "copied"
-            m = None if self._plan is None else self._plan.compact_m if layout == "compact" else self._plan.m
-            self._mih = MultiIndexHashing(self._searchable_codes, m=m, layout=layout)
-            self.__dict__.pop("_linear", None)  # one searcher's memory at a time
+            if choice == "mih" and self._stored_tables is not None:
+                self._mih = MultiIndexHashing.from_tables(self._stored_tables)
+            else:
+                layout = "compact" if choice == "mih-compact" else "copied"
+                m = None if self._plan is None else self._plan.compact_m if layout == "compact" else self._plan.m
+                self._mih = MultiIndexHashing(self._searchable_codes, m=m, layout=layout)
+                self.__dict__.pop("_linear", None)  # one searcher's memory at a time
         return self._mih
 
     def _timed(self, nqueries: int, call):

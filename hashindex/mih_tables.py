@@ -94,6 +94,15 @@ class StoredTables:
     def __repr__(self) -> str:
         return f"StoredTables(ntotal={self.ntotal}, bits={8 * self.nbytes}, m={self.m})"
 
+    def a_code(self) -> np.ndarray:
+        """One stored code, uint8 [1, nbytes] (table 0's first entry), to warm a searcher with."""
+        return self.arrays["ctab"][:-(-self.nbytes // 8)].view(np.uint8)[None, :self.nbytes]
+
+
+def worth_storing(n: int, nbytes: int) -> bool:
+    """Whether a version of ``n`` searchable codes of ``nbytes`` bytes gets stored tables (by size)."""
+    return n * -(-nbytes // 8) >= STORE_MIN_WORDS
+
 
 def _local_dir(location: str) -> str | None:
     """The local folder of a version's group, or None for a remote (fsspec) store."""
@@ -109,7 +118,7 @@ def write(location: str, codes: np.ndarray) -> StoredTables | None:
     are written to a temporary folder and renamed."""
     folder = _local_dir(location)
     n, nbytes = codes.shape
-    if folder is None or n * -(-nbytes // 8) < STORE_MIN_WORDS:
+    if folder is None or not worth_storing(n, nbytes):
         return None
     from .mih import MultiIndexHashing, default_m
 

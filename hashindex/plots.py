@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 __all__ = ["contact_sheet", "plot_bars", "plot_grouped_bars", "plot_lines", "plot_pr_curves", "plot_precision_at_n"]
 
@@ -135,7 +136,8 @@ def plot_lines(series: dict, path, title: str, xlabel: str, ylabel: str, *, logy
         ax.set_xscale("log")
     if xs:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.minorticks_off()
+        if logx:  # the log scale's minor ticks would crowd the labelled ones
+            ax.xaxis.set_minor_locator(NullLocator())
     if logy:
         ax.set_yscale("log")
     if series:

@@ -31,13 +31,12 @@ read in ~0.08 s). Arrays written once at creation get those chunks from the star
 from __future__ import annotations
 
 import contextlib
-import os
 import datetime
+import json
+import os
 import sys
 import uuid
 import zlib
-
-import json
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -252,7 +251,7 @@ def finish_version(group: zarr.Group) -> dict:
     removed = group["removed"][:] if "removed" in group else np.zeros(len(valid), bool)
     summary = {"valid": int((valid & ~removed).sum()), "rejected": int((~valid & ~removed).sum()),
                "removed": int(removed.sum()), "complete": True, "finished": _now()}
-    if "codes" in group and summary["valid"] * -(-int(group["codes"].shape[1]) // 8) >= mih_tables.STORE_MIN_WORDS:
+    if "codes" in group and mih_tables.worth_storing(summary["valid"], int(group["codes"].shape[1])):
         # before "complete": a reader never opens the version without the tables it will have
         codes = group["codes"][:]
         searchable = valid & ~removed
@@ -295,12 +294,12 @@ def prune_versions(index: str, keep: int) -> list[str]:
 
     Unfinished builds are left alone: a rerun resumes them. Readers that opened a deleted version
     lose it, so keep at least 2 when queries may run during an update."""
+    import fsspec
+
     if keep < 1:
         raise StoreError(f"keep must be at least 1, got {keep}")
     complete = [v for v in list_versions(index) if v["complete"]]
     doomed = [v["name"] for v in complete[keep:] if not v["current"]]
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(index)
     for name in doomed:
         with writing(index, f"deleting old version {name}"):

@@ -4,8 +4,9 @@ Fashion-MNIST (Debian's dataset-fashion-mnist) when installed, else scikit-learn
 cache backbone features of the protocol's training images → train the best unsupervised method
 (its default profile) → encode the database with Dask into a Zarr index → encode the queries →
 search → mAP@all, mAP@1000, precision within radius 2. ITQ, the baseline to beat, is trained on the
-same training images (through its own network: the pooled head, where UHGA's default pools middle blocks) and scored beside it on the queries and a seeded sample of the database (``--baseline-rows``),
-encoded through the same pipeline, so the demo shows what the learned codes add.
+same training images (through its own network: the pooled head, where UHGA's default pools middle
+blocks) and scored beside it on the queries and a seeded sample of the database
+(``--baseline-rows``), encoded through the same pipeline, so the demo shows what the learned codes add.
 
     python jobs/demo.py [--out runs/demo] [--bits 32] [--method uhga] [--image-size 64]
 """
