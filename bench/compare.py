@@ -14,6 +14,7 @@ same features, split and seed.
     python bench/compare.py --methods lsh itq --bits 32 --no-e2e
     python bench/compare.py --methods lagnh --bits 32 --params '{"fusion": 0}' --label eta=0 --no-e2e
     python bench/compare.py --methods uhga dpfah nrdh ucsh --bits 32 --mode finetune
+    python bench/compare.py --methods uhga --bits 32 --no-e2e --seed 1   # rows labelled 'seed 1'
 
 Epochs: each method's profile runs its own schedule; a ``paper`` profile runs the paper's in full at
 ``--full-bits`` (32), and at the other lengths ``BENCH_EPOCHS`` caps the slow ones so that the full run
@@ -158,6 +159,9 @@ def main(argv=None) -> int:
                         help=f"head (default) or finetune (the backbone trains too; {FINETUNE_EPOCHS} epochs)")
     parser.add_argument("--params", help="JSON of parameters of the methods, e.g. '{\"fusion\": 0}' (LAGNH) or "
                                           "'{\"feature_blocks\": [10, 12, 14]}' (any method)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of every method (default 0; another seed labels its rows 'seed N' "
+                             "unless --label names them), to see how much a figure moves from seed to seed")
     parser.add_argument("--label", default="", help="names the variant in the results (with --params)")
     parser.add_argument("--epochs", type=int, help="epochs of every deep method (default: the profiles' own)")
     parser.add_argument("--full-bits", type=int, nargs="+", default=[32],
@@ -173,6 +177,8 @@ def main(argv=None) -> int:
         args.bits = [32]
     if args.params and not args.label:
         parser.error("--params needs a --label naming the variant")
+    if args.seed and not args.label:
+        args.label = f"seed {args.seed}"
     methods = args.methods or sorted(METHODS, key=lambda m: (ORDER + [m]).index(m))
     if args.mode == "finetune":
         methods = [m for m in methods if METHODS[m].can_finetune]
@@ -207,7 +213,7 @@ def main(argv=None) -> int:
                                    cache.location, 0.0, method_spec)
             with PeakRSS() as memory:
                 encoder = hashindex.train_encoder(source.subset(train), method, bits, backbone=spec,
-                                                  features=train_set, params=params, mode=args.mode)
+                                                  features=train_set, params=params, mode=args.mode, seed=args.seed)
             e2e = None
             if args.mode == "finetune":
                 # the finetuned network's codes exist only from images: the database through Dask
@@ -227,7 +233,7 @@ def main(argv=None) -> int:
                                                 topks=(None, 1000))
             used = encoder.training["params"]
             row = {"method": method, "bits": bits, "profile": used.get("profile"), "mode": args.mode,
-                   "label": args.label, "epochs": used.get("epochs"), "capped": capped,
+                   "label": args.label, "seed": args.seed, "epochs": used.get("epochs"), "capped": capped,
                    "map@all": scores["map@all"], "map@1000": scores["map@1000"],
                    "precision@r2": scores["precision@r2"], "train_seconds": encoder.training["fit_seconds"],
                    "train_peak_rss_added_mb": memory.added,

@@ -37,11 +37,19 @@ float16 feature cache, issue 14's third pass; seed 0 / seed 1): default 0.684 / 
 Normalising the block features first (per-dimension z-scores, or z-scores then L2 per block) lowered
 UHGA on seed 0 to 0.682 and 0.662 although it lifted ITQ on the embedding (0.679 → 0.691 / 0.701).
 
+``--uhga-seeds``, ``--whiten``, ``--pooling`` (issue 14's fourth pass, block features 10, 12, 14, both
+splits): UHGA's default against neighbourhood k = 5 over training seeds 0, 1, 2, and with the shared
+``views`` term on the blocks' own cached views; the neighbourhood embedding of PCA-whitened features
+(float ranking, 32-bit ITQ on it, UHGA on it); and other poolings of the blocks' feature maps (a 2 × 2
+or 4 × 4 grid of block 10, max beside mean, block 7 added) by float ranking, ITQ on the raw pooled
+features and ITQ on their embedding. Measured numbers are in bench/README.md.
+
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among
 the held-out images (both unseen, as the protocol's database mostly is) and among the training rows.
 
     python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views | --uhga-settings | --ceiling | --blocks]
+    python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling]     # both splits
 """
 from __future__ import annotations
 
@@ -79,7 +87,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ceiling", action="store_true", help="float-ranking ceilings and the embedding variants tried")
     parser.add_argument("--blocks", action="store_true", help="UHGA's default on the features of middle blocks")
     parser.add_argument("--uhga-settings", action="store_true", help="UHGA's default with one setting changed at a time")
+    parser.add_argument("--uhga-seeds", action="store_true", help="UHGA's default against k = 5 over training seeds, "
+                        "and with the views term, on block features (both splits)")
+    parser.add_argument("--whiten", action="store_true", help="the embedding of PCA-whitened block features (both splits)")
+    parser.add_argument("--pooling", action="store_true", help="other poolings of the blocks' feature maps (both splits)")
     args = parser.parse_args(argv)
+    if args.uhga_seeds or args.whiten or args.pooling:
+        return fourth_pass(args)
     if args.blocks:
         return blocks(args.split_seed)
     if args.uhga_settings:
@@ -301,6 +315,120 @@ def dpfah_views(split_seed: int) -> int:
         among_fit = evaluate(codes_held, codes_fit, labels[held], labels[fit_rows], topks=(None,))["map@all"]
         print(f"dpfah, {n_views} views as extra samples: held-out among held-out {among_held:.4f}, "
               f"among training rows {among_fit:.4f}", flush=True)
+    return 0
+
+
+BLOCKS = BackboneSpec("efficientnet-lite0", 64, blocks=(10, 12, 14))
+
+
+def block_split(split_seed: int):
+    """The validation split of the protocol's training images on block features 10, 12, 14 (the
+    unsupervised defaults' features) and their 8 cached views, float32."""
+    _, _, labels, held, fit_rows = validation_split(split_seed)
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    f = hashindex.cached_features(source.subset(train), BLOCKS).features.astype(np.float32)
+    return f, labels, held, fit_rows
+
+
+def held_map(encode, f, labels, held) -> float:
+    """32-bit mAP@all of the held-out rows among themselves, codes from ``encode(features)``."""
+    with torch.no_grad():
+        codes = np.packbits((encode(torch.from_numpy(f[held])) >= 0).numpy().astype(np.uint8), axis=1)
+    return round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
+
+
+def whitening(xt: torch.Tensor, dims: int, reg: float):
+    """PCA whitening fitted on ``xt``: the top ``dims`` components, each divided by
+    ``sqrt(variance + reg · top variance)``."""
+    mean = xt.double().mean(0)
+    _, singular, basis = torch.linalg.svd(xt.double() - mean, full_matrices=False)
+    variance = singular ** 2 / len(xt)
+    w = basis[:dims].T / (variance[:dims] + reg * variance[0]).sqrt()
+    return lambda a: ((a.double() - mean) @ w).float()
+
+
+def block_maps(rows_of_train: np.ndarray) -> dict[int, torch.Tensor]:
+    """Unpooled outputs of blocks 7, 10, 12 and 14 of EfficientNet-Lite0 at 64 px for the protocol's
+    training images (4 × 4 maps for blocks 7 and 10, 2 × 2 for 12 and 14)."""
+    from hashindex.backbones import load_backbone
+
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    pixels = source.subset(train).read(rows_of_train).pixels
+    backbone = load_backbone(BackboneSpec("efficientnet-lite0", 64))
+    model = backbone.net.model
+    maps: dict[int, list] = {7: [], 10: [], 12: [], 14: []}
+    with torch.inference_mode():
+        for start in range(0, len(pixels), 256):
+            x = model._swish(model._bn0(model._conv_stem(backbone.preprocess(pixels[start:start + 256]))))
+            for i, block in enumerate(model._blocks[:15]):
+                x = block(x, drop_connect_rate=0)
+                if i in maps:
+                    maps[i].append(x.float())
+    return {b: torch.cat(v) for b, v in maps.items()}
+
+
+def fourth_pass(args) -> int:
+    maps = block_maps(np.arange(5000)) if args.pooling else None
+    for split_seed in (0, 1):
+        f, labels, held, fit_rows = block_split(split_seed)
+        xt, lh = torch.from_numpy(f[fit_rows]), labels[held]
+
+        def itq_score(transform) -> float:
+            head = create_method("itq", 32).fit(transform(xt).numpy())
+            return held_map(lambda a: head(transform(a).double()), f, labels, held)
+
+        if args.uhga_seeds:
+            for name, settings in {"default": {}, "neighbourhood k 5": {"neighbourhood": {"k": 5}}}.items():
+                scores = [held_map(create_method("uhga", 32, seed=seed, **settings).fit(f[fit_rows]), f, labels, held)
+                          for seed in (0, 1, 2)]
+                print(f"split {split_seed}, uhga default, {name}, training seeds 0/1/2: {scores}, "
+                      f"mean {np.mean(scores):.4f}", flush=True)
+            source = hashindex.open_source("fashion-mnist")
+            _, train, _ = hashindex.protocol_split(source, seed=0)
+            views = cached_views(source.subset(train), BLOCKS, views=8).views.astype(np.float32)
+            for weight in (0.02, 0.1):
+                head = create_method("uhga", 32, loss_weights={"views": weight}).fit(f[fit_rows], views=views[fit_rows])
+                print(f"split {split_seed}, uhga default + views term {weight}: {held_map(head, f, labels, held)}",
+                      flush=True)
+        if args.whiten:
+            print(f"split {split_seed}, embedding of the blocks: float {float_map(NeighbourhoodEmbedding().fit(xt).transform(torch.from_numpy(f[held])), lh)}, "
+                  f"itq {itq_score(NeighbourhoodEmbedding().fit(xt).transform)}", flush=True)
+            for dims, reg in ((64, 0.1), (128, 0.1), (128, 0.01), (256, 0.01)):
+                white = whitening(xt, dims, reg)
+                nb = NeighbourhoodEmbedding().fit(white(xt))
+                embedded = lambda a, nb=nb, white=white: nb.transform(white(a))  # noqa: E731
+                print(f"split {split_seed}, embedding of whitened blocks ({dims} d, reg {reg}): float "
+                      f"{float_map(embedded(torch.from_numpy(f[held])), lh)}, itq {itq_score(embedded)}", flush=True)
+            white = whitening(xt, 128, 0.01)
+            scores = [held_map(lambda a, h=create_method("uhga", 32, seed=seed).fit(white(xt).numpy()): h(white(a)),
+                               f, labels, held) for seed in (0, 1)]
+            print(f"split {split_seed}, uhga default on whitened blocks (128 d, reg 0.01), seeds 0/1: {scores}", flush=True)
+        if args.pooling:
+            grid = lambda b, g: F.adaptive_avg_pool2d(maps[b], g).flatten(1)  # noqa: E731
+            mean = {b: m.mean((2, 3)) for b, m in maps.items()}
+            variants = {
+                "mean of 10, 12, 14 (the default)": [mean[10], mean[12], mean[14]],
+                "2x2 grid of 10, mean of 12, 14": [grid(10, 2), mean[12], mean[14]],
+                "4x4 grid of 10, mean of 12, 14": [grid(10, 4), mean[12], mean[14]],
+                "mean and max of 10, 12, 14": [mean[10], mean[12], mean[14]] + [maps[b].amax((2, 3)) for b in (10, 12, 14)],
+                "mean of 7, 10, 12, 14": [mean[7], mean[10], mean[12], mean[14]],
+            }
+            for name, parts in variants.items():
+                pooled = torch.cat(parts, 1)
+                rows = lambda a, pooled=pooled: pooled[a]  # noqa: E731
+                fit_t, held_t = torch.from_numpy(fit_rows), torch.from_numpy(held)
+                head = create_method("itq", 32).fit(pooled[fit_t].numpy())
+                nb = NeighbourhoodEmbedding().fit(pooled[fit_t])
+                head_nb = create_method("itq", 32).fit(nb.transform(pooled[fit_t]).numpy())
+                pack = lambda h: np.packbits((h >= 0).numpy().astype(np.uint8), axis=1)  # noqa: E731
+                raw = pack(head(rows(held_t).double()))
+                embedded = pack(head_nb(nb.transform(rows(held_t)).double()))
+                print(f"split {split_seed}, {name} ({pooled.shape[1]} d): float {float_map(rows(held_t), lh)}, "
+                      f"itq {evaluate(raw, raw, lh, lh, topks=(None,))['map@all']:.4f}, "
+                      f"itq on the embedding {evaluate(embedded, embedded, lh, lh, topks=(None,))['map@all']:.4f}",
+                      flush=True)
     return 0
 
 
