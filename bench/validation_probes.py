@@ -68,13 +68,13 @@ from hashindex.methods.targets import bit_balance, make_target, manifold_rank, p
 from hashindex.metrics import evaluate
 
 
-def validation_split(split_seed: int, spec: BackboneSpec = BackboneSpec("efficientnet-lite0", 64)):
-    """Features and 8 cached views of the protocol's 5,000 training images (float32), their labels,
-    and the seeded split: 1,000 held-out rows and the 4,000 to train on."""
+def validation_split(split_seed: int, spec: BackboneSpec = BackboneSpec("efficientnet-lite0", 64), views: bool = True):
+    """Features and 8 cached views (None with ``views=False``) of the protocol's 5,000 training images
+    (float32), their labels, and the seeded split: 1,000 held-out rows and the 4,000 to train on."""
     source = hashindex.open_source("fashion-mnist")
     _, train, _ = hashindex.protocol_split(source, seed=0)
     x = hashindex.cached_features(source.subset(train), spec).features.astype(np.float32)
-    views = cached_views(source.subset(train), spec, views=8).views.astype(np.float32)
+    views = cached_views(source.subset(train), spec, views=8).views.astype(np.float32) if views else None
     held = np.sort(np.random.default_rng(split_seed).choice(len(x), 1000, replace=False))
     return x, views, source.labels[train], held, np.setdiff1d(np.arange(len(x)), held)
 
@@ -207,11 +207,7 @@ def ceiling(split_seed: int) -> int:
     for m in (64, 128):  # (I − αS)⁻¹ restricted to the top m eigenvectors, α = 0.99
         spectral = (vectors[:, :m] / (1 - 0.99 * eigenvalues[:m])).float()
         report(f"spectral embedding, top {m} eigenvectors", lambda a: embed(a, anchors, spectral, nb.k))
-    mean = xt.mean(0)
-    _, singular, basis = torch.linalg.svd((xt - mean).double(), full_matrices=False)
-    variance = singular ** 2 / len(xt)
-    whiten = basis[:128].T / (variance[:128] + 0.1 * variance[0]).sqrt()
-    white = lambda a: ((a.double() - mean.double()) @ whiten).float()  # noqa: E731
+    white = whitening(xt, 128, 0.1)
     nb_white = NeighbourhoodEmbedding().fit(white(xt))
     report("neighbourhood embedding of PCA-whitened features (128 d)", lambda a: nb_white.transform(white(a)))
     view_anchors = F.normalize(torch.cat([xt[:, None], views[fit_rows]], 1).reshape(-1, xt.shape[1]), dim=1)
@@ -321,41 +317,37 @@ def dpfah_views(split_seed: int) -> int:
 BLOCKS = BackboneSpec("efficientnet-lite0", 64, blocks=(10, 12, 14))
 
 
-def block_split(split_seed: int):
-    """The validation split of the protocol's training images on block features 10, 12, 14 (the
-    unsupervised defaults' features) and their 8 cached views, float32."""
-    _, _, labels, held, fit_rows = validation_split(split_seed)
-    source = hashindex.open_source("fashion-mnist")
-    _, train, _ = hashindex.protocol_split(source, seed=0)
-    f = hashindex.cached_features(source.subset(train), BLOCKS).features.astype(np.float32)
-    return f, labels, held, fit_rows
-
-
-def held_map(encode, f, labels, held) -> float:
+def held_map(encode, f: np.ndarray, labels, held) -> float:
     """32-bit mAP@all of the held-out rows among themselves, codes from ``encode(features)``."""
     with torch.no_grad():
         codes = np.packbits((encode(torch.from_numpy(f[held])) >= 0).numpy().astype(np.uint8), axis=1)
     return round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
 
 
+def itq_map(transform, f: np.ndarray, labels, held, fit_rows) -> float:
+    """:func:`held_map` of 32-bit ITQ fitted on ``transform`` of the training rows."""
+    head = create_method("itq", 32).fit(transform(torch.from_numpy(f[fit_rows])).numpy())
+    return held_map(lambda a: head(transform(a).double()), f, labels, held)
+
+
 def whitening(xt: torch.Tensor, dims: int, reg: float):
     """PCA whitening fitted on ``xt``: the top ``dims`` components, each divided by
     ``sqrt(variance + reg · top variance)``."""
-    mean = xt.double().mean(0)
-    _, singular, basis = torch.linalg.svd(xt.double() - mean, full_matrices=False)
+    mean = xt.mean(0)
+    _, singular, basis = torch.linalg.svd((xt - mean).double(), full_matrices=False)
     variance = singular ** 2 / len(xt)
     w = basis[:dims].T / (variance[:dims] + reg * variance[0]).sqrt()
-    return lambda a: ((a.double() - mean) @ w).float()
+    return lambda a: ((a.double() - mean.double()) @ w).float()
 
 
-def block_maps(rows_of_train: np.ndarray) -> dict[int, torch.Tensor]:
+def block_maps() -> dict[int, torch.Tensor]:
     """Unpooled outputs of blocks 7, 10, 12 and 14 of EfficientNet-Lite0 at 64 px for the protocol's
     training images (4 × 4 maps for blocks 7 and 10, 2 × 2 for 12 and 14)."""
     from hashindex.backbones import load_backbone
 
     source = hashindex.open_source("fashion-mnist")
     _, train, _ = hashindex.protocol_split(source, seed=0)
-    pixels = source.subset(train).read(rows_of_train).pixels
+    pixels = source.subset(train).read(np.arange(len(train))).pixels
     backbone = load_backbone(BackboneSpec("efficientnet-lite0", 64))
     model = backbone.net.model
     maps: dict[int, list] = {7: [], 10: [], 12: [], 14: []}
@@ -370,65 +362,54 @@ def block_maps(rows_of_train: np.ndarray) -> dict[int, torch.Tensor]:
 
 
 def fourth_pass(args) -> int:
-    maps = block_maps(np.arange(5000)) if args.pooling else None
+    """--uhga-seeds, --whiten and --pooling on block features 10, 12, 14, both splits."""
+    if args.pooling:
+        maps = block_maps()
+        mean = {b: m.mean((2, 3)) for b, m in maps.items()}
+        grid = lambda b, g: F.adaptive_avg_pool2d(maps[b], g).flatten(1)  # noqa: E731
+        poolings = {
+            "mean of 10, 12, 14 (the default)": [mean[10], mean[12], mean[14]],
+            "2x2 grid of 10, mean of 12, 14": [grid(10, 2), mean[12], mean[14]],
+            "4x4 grid of 10, mean of 12, 14": [grid(10, 4), mean[12], mean[14]],
+            "mean and max of 10, 12, 14": [mean[10], mean[12], mean[14]] + [maps[b].amax((2, 3)) for b in (10, 12, 14)],
+            "mean of 7, 10, 12, 14": [mean[7], mean[10], mean[12], mean[14]],
+        }
+        poolings = {name: torch.cat(parts, 1).numpy() for name, parts in poolings.items()}
     for split_seed in (0, 1):
-        f, labels, held, fit_rows = block_split(split_seed)
+        f, views, labels, held, fit_rows = validation_split(split_seed, BLOCKS, views=args.uhga_seeds)
         xt, lh = torch.from_numpy(f[fit_rows]), labels[held]
-
-        def itq_score(transform) -> float:
-            head = create_method("itq", 32).fit(transform(xt).numpy())
-            return held_map(lambda a: head(transform(a).double()), f, labels, held)
-
         if args.uhga_seeds:
             for name, settings in {"default": {}, "neighbourhood k 5": {"neighbourhood": {"k": 5}}}.items():
                 scores = [held_map(create_method("uhga", 32, seed=seed, **settings).fit(f[fit_rows]), f, labels, held)
                           for seed in (0, 1, 2)]
                 print(f"split {split_seed}, uhga default, {name}, training seeds 0/1/2: {scores}, "
                       f"mean {np.mean(scores):.4f}", flush=True)
-            source = hashindex.open_source("fashion-mnist")
-            _, train, _ = hashindex.protocol_split(source, seed=0)
-            views = cached_views(source.subset(train), BLOCKS, views=8).views.astype(np.float32)
             for weight in (0.02, 0.1):
                 head = create_method("uhga", 32, loss_weights={"views": weight}).fit(f[fit_rows], views=views[fit_rows])
                 print(f"split {split_seed}, uhga default + views term {weight}: {held_map(head, f, labels, held)}",
                       flush=True)
         if args.whiten:
-            print(f"split {split_seed}, embedding of the blocks: float {float_map(NeighbourhoodEmbedding().fit(xt).transform(torch.from_numpy(f[held])), lh)}, "
-                  f"itq {itq_score(NeighbourhoodEmbedding().fit(xt).transform)}", flush=True)
+            nb = NeighbourhoodEmbedding().fit(xt)
+            print(f"split {split_seed}, embedding of the blocks: float {float_map(nb.transform(torch.from_numpy(f[held])), lh)}, "
+                  f"itq {itq_map(nb.transform, f, labels, held, fit_rows)}", flush=True)
             for dims, reg in ((64, 0.1), (128, 0.1), (128, 0.01), (256, 0.01)):
                 white = whitening(xt, dims, reg)
                 nb = NeighbourhoodEmbedding().fit(white(xt))
                 embedded = lambda a, nb=nb, white=white: nb.transform(white(a))  # noqa: E731
                 print(f"split {split_seed}, embedding of whitened blocks ({dims} d, reg {reg}): float "
-                      f"{float_map(embedded(torch.from_numpy(f[held])), lh)}, itq {itq_score(embedded)}", flush=True)
+                      f"{float_map(embedded(torch.from_numpy(f[held])), lh)}, "
+                      f"itq {itq_map(embedded, f, labels, held, fit_rows)}", flush=True)
             white = whitening(xt, 128, 0.01)
             scores = [held_map(lambda a, h=create_method("uhga", 32, seed=seed).fit(white(xt).numpy()): h(white(a)),
                                f, labels, held) for seed in (0, 1)]
             print(f"split {split_seed}, uhga default on whitened blocks (128 d, reg 0.01), seeds 0/1: {scores}", flush=True)
         if args.pooling:
-            grid = lambda b, g: F.adaptive_avg_pool2d(maps[b], g).flatten(1)  # noqa: E731
-            mean = {b: m.mean((2, 3)) for b, m in maps.items()}
-            variants = {
-                "mean of 10, 12, 14 (the default)": [mean[10], mean[12], mean[14]],
-                "2x2 grid of 10, mean of 12, 14": [grid(10, 2), mean[12], mean[14]],
-                "4x4 grid of 10, mean of 12, 14": [grid(10, 4), mean[12], mean[14]],
-                "mean and max of 10, 12, 14": [mean[10], mean[12], mean[14]] + [maps[b].amax((2, 3)) for b in (10, 12, 14)],
-                "mean of 7, 10, 12, 14": [mean[7], mean[10], mean[12], mean[14]],
-            }
-            for name, parts in variants.items():
-                pooled = torch.cat(parts, 1)
-                rows = lambda a, pooled=pooled: pooled[a]  # noqa: E731
-                fit_t, held_t = torch.from_numpy(fit_rows), torch.from_numpy(held)
-                head = create_method("itq", 32).fit(pooled[fit_t].numpy())
-                nb = NeighbourhoodEmbedding().fit(pooled[fit_t])
-                head_nb = create_method("itq", 32).fit(nb.transform(pooled[fit_t]).numpy())
-                pack = lambda h: np.packbits((h >= 0).numpy().astype(np.uint8), axis=1)  # noqa: E731
-                raw = pack(head(rows(held_t).double()))
-                embedded = pack(head_nb(nb.transform(rows(held_t)).double()))
-                print(f"split {split_seed}, {name} ({pooled.shape[1]} d): float {float_map(rows(held_t), lh)}, "
-                      f"itq {evaluate(raw, raw, lh, lh, topks=(None,))['map@all']:.4f}, "
-                      f"itq on the embedding {evaluate(embedded, embedded, lh, lh, topks=(None,))['map@all']:.4f}",
-                      flush=True)
+            for name, pooled in poolings.items():
+                nb = NeighbourhoodEmbedding().fit(torch.from_numpy(pooled[fit_rows]))
+                print(f"split {split_seed}, {name} ({pooled.shape[1]} d): "
+                      f"float {float_map(torch.from_numpy(pooled[held]), lh)}, "
+                      f"itq {itq_map(lambda a: a, pooled, labels, held, fit_rows):.4f}, "
+                      f"itq on the embedding {itq_map(nb.transform, pooled, labels, held, fit_rows):.4f}", flush=True)
     return 0
 
 
