@@ -21,7 +21,9 @@ Epochs: each method's profile runs its own schedule; a ``paper`` profile runs th
 fits in about an hour on 2 cores, and those rows say ``capped``. The default profiles (``--profile``
 unset) are never capped. Finetune mode (the backbone trains end to end on the 5,000 images, 64 px)
 runs ``FINETUNE_EPOCHS``, a CPU budget, not the papers' schedules; its database and queries are
-encoded from their images (the finetuned network), the database through the Dask pipeline.
+encoded from their images (the finetuned network), the database through the Dask pipeline. So are
+those of a head-mode encoder whose profile trains a student (UHGA's default: the student's tuned
+blocks compute its features), whatever ``--no-e2e`` says.
 
 Each run merges its rows into ``results/compare_{px}px.json`` (a row with the same method, bits,
 profile, mode and label is replaced), so one row can be re-measured alone; every row records the
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
                 encoder = hashindex.train_encoder(source.subset(train), method, bits, backbone=spec,
                                                   features=train_set, params=params, mode=args.mode, seed=args.seed)
             e2e = None
-            if args.mode == "finetune":
+            if encoder.finetuned:  # finetune mode, or a student (the default of some methods)
                 # the finetuned network's codes exist only from images: the database through Dask
                 e2e, db_codes = end_to_end(source.subset(database), encoder, args.workers)
                 encode_seconds = None

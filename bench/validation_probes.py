@@ -44,12 +44,17 @@ splits): UHGA's default against neighbourhood k = 5 over training seeds 0, 1, 2,
 or 4 × 4 grid of block 10, max beside mean, block 7 added) by float ranking, ITQ on the raw pooled
 features and ITQ on their embedding. Measured numbers are in bench/README.md.
 
+``--student`` (issue 14's fifth pass, both splits, training seeds 0 and 1): UHGA's head on frozen block
+features (``student`` off) against its student (the default: blocks 8–14 of the backbone and a new
+head distilled from the head's codes on augmented views, hashindex/methods/student.py), both trained
+by ``train_encoder`` on the 4,000 rows; the student encodes the held-out images from their pixels.
+
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among
 the held-out images (both unseen, as the protocol's database mostly is) and among the training rows.
 
     python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views | --uhga-settings | --ceiling | --blocks]
-    python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling]     # both splits
+    python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student]     # both splits
 """
 from __future__ import annotations
 
@@ -91,7 +96,11 @@ def main(argv=None) -> int:
                         "and with the views term, on block features (both splits)")
     parser.add_argument("--whiten", action="store_true", help="the embedding of PCA-whitened block features (both splits)")
     parser.add_argument("--pooling", action="store_true", help="other poolings of the blocks' feature maps (both splits)")
+    parser.add_argument("--student", action="store_true", help="UHGA's head against its student (both splits, "
+                        "training seeds 0 and 1)")
     args = parser.parse_args(argv)
+    if args.student:
+        return student()
     if args.uhga_seeds or args.whiten or args.pooling:
         return fourth_pass(args)
     if args.blocks:
@@ -410,6 +419,29 @@ def fourth_pass(args) -> int:
                       f"float {float_map(torch.from_numpy(pooled[held]), lh)}, "
                       f"itq {itq_map(lambda a: a, pooled, labels, held, fit_rows):.4f}, "
                       f"itq on the embedding {itq_map(nb.transform, pooled, labels, held, fit_rows):.4f}", flush=True)
+    return 0
+
+
+def student() -> int:
+    """--student: UHGA's frozen-feature head against its student, both trained by ``train_encoder``."""
+    from hashindex.build import FeatureSet
+
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    for split_seed in (0, 1):
+        f, _, labels, held, fit_rows = validation_split(split_seed, BLOCKS, views=False)
+        fit_set = FeatureSet(f[fit_rows], np.ones(len(fit_rows), bool), source.ids[train[fit_rows]], labels[fit_rows],
+                             "", 0.0, BLOCKS)
+        held_pixels = source.read(train[held]).pixels
+        for seed in (0, 1):
+            scores = {}
+            for name, params in {"head": {"student": False}, "student": {}}.items():
+                encoder = hashindex.train_encoder(source.subset(train[fit_rows]), "uhga", 32, features=fit_set,
+                                                  params=params, seed=seed)
+                codes = encoder.encode_pixels(held_pixels) if encoder.finetuned else encoder.encode_features(f[held])
+                scores[name] = round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
+                scores[f"{name} train s"] = round(encoder.training["fit_seconds"])
+            print(f"split {split_seed}, training seed {seed}: {scores}", flush=True)
     return 0
 
 

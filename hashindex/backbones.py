@@ -177,6 +177,17 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def block_parameters(self, first: int) -> list[nn.Parameter]:
+        """Parameters of the blocks from ``first`` to the last one the spec pools: what a student
+        (:mod:`hashindex.methods.student`) fine-tunes while the blocks below stay frozen."""
+        if not self.spec.blocks or not hasattr(self.net, "model"):
+            raise BackboneError(f"{self.spec.name}: fine-tuning from a block needs a backbone with block features "
+                                f"(blocks=...), got {self.spec}")
+        if not 0 <= first <= self.spec.blocks[-1]:
+            raise BackboneError(f"first block to fine-tune must be in 0..{self.spec.blocks[-1]} (the last pooled "
+                                f"block), got {first}")
+        return [p for block in self.net.model._blocks[first:self.spec.blocks[-1] + 1] for p in block.parameters()]
+
     @torch.inference_mode()
     def features(self, pixels, batch_size: int = 256) -> np.ndarray:
         """Pooled features of decoded images, float32 ``[n, feature_dim]``."""

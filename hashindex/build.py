@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 import zarr
 
 from . import store
@@ -21,6 +22,7 @@ from .backbones import BackboneSpec, feature_dim, load_backbone, resolve_spec
 from .encoder import Encoder
 from .methods import METHODS, MethodError, create_method
 from .methods.deep import training_device
+from .methods.student import distil
 from .pipeline import FeatureTransform, ViewTransform, build_key, chunk_rows_for, job_client, run_chunks
 from .sources import Source, SourceError, open_source
 
@@ -198,6 +200,9 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
     hasher = create_method(method, bits, seed=seed, **params)
     if mode == "finetune" and not hasher.can_finetune:
         raise MethodError(f"{method} has no finetune mode: it trains on backbone features only (use mode head)")
+    if mode == "finetune" and hasher.student:
+        raise MethodError(f"{method}: the student stage distils a head trained on frozen features; finetune "
+                          "mode trains the backbone itself (set student to false, or train in head mode)")
     spec = resolve_spec(method_backbone(method, backbone, params))
     if features is None:
         features = cached_features(src, spec, cache_dir=cache_dir, client=client, scheduler=scheduler,
@@ -228,15 +233,25 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
         views = cached_views(src, spec, views=hasher.view_count, seed=seed, cache_dir=cache_dir, client=client,
                              scheduler=scheduler, n_workers=n_workers)
         fit_args["views"] = views.views[rows].astype(np.float32)
+    pixels = functools.partial(_training_pixels, src, rows)
     if mode == "finetune":
         tuned = load_backbone(spec, device=training_device())
-        fit_args.update(images=functools.partial(_training_pixels, src, rows), backbone=tuned)
+        fit_args.update(images=pixels, backbone=tuned)
     started = time.perf_counter()
     head = hasher.fit(x, y, **fit_args)
     seconds = time.perf_counter() - started
     training = {"source": src.describe(), "source_fingerprint": src.fingerprint(), "images": int(len(x)),
                 "mode": mode, "params": hasher.params(), "fit_seconds": round(seconds, 3),
                 "feature_seconds": round(features.seconds, 3)}
+    if hasher.student:
+        # the head just trained teaches its codes to the backbone's upper blocks and a new head
+        with torch.no_grad():
+            teacher_bits = head(torch.from_numpy(x)) >= 0
+        tuned = load_backbone(spec, device=training_device())
+        started = time.perf_counter()
+        head = distil(teacher_bits, x, pixels, tuned, **hasher.student, seed=seed)
+        training["student_seconds"] = round(time.perf_counter() - started, 3)
+        training["fit_seconds"] = round(seconds + training["student_seconds"], 3)
     encoder = Encoder(method=method, bits=bits, backbone=spec, head=head, training=training,
                       backbone_state=None if tuned is None else tuned.net.state_dict(),
                       training_arrays=hasher.training_arrays())

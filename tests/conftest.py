@@ -22,17 +22,17 @@ def fmnist():
 
 @pytest.fixture(scope="session")
 def fmnist_features(fmnist):
-    """EfficientNet-Lite0 (64 px) features of 1,200 real Fashion-MNIST training images: the first 1,000
-    to train on, the last 200 as held-out queries. Shared by every method's tests."""
+    """EfficientNet-Lite0 (64 px) features of 1,200 real Fashion-MNIST training images (``rows`` of the
+    source): the first 1,000 to train on, the last 200 as held-out queries. Shared by every method's tests."""
     from hashindex.backbones import create_backbone
     rows = np.sort(np.random.default_rng(0).choice(60_000, 1200, replace=False))
     pixels = fmnist.read(rows).pixels
     features = create_backbone("efficientnet-lite0", image_size=64).features(pixels)
-    return _feature_set(pixels, features, fmnist.labels[rows])
+    return _feature_set(rows, pixels, features, fmnist.labels[rows])
 
 
-def _feature_set(pixels, features, labels) -> dict:
-    return {"pixels": pixels, "features": features, "labels": labels,
+def _feature_set(rows, pixels, features, labels) -> dict:
+    return {"rows": rows, "pixels": pixels, "features": features, "labels": labels,
             "train": features[:1000], "train_labels": labels[:1000],
             "query": features[1000:], "query_labels": labels[1000:]}
 
@@ -50,7 +50,8 @@ def method_features(fmnist_features):
         spec = method_backbone(method, BackboneSpec("efficientnet-lite0", 64))
         if spec not in computed:
             features = load_backbone(spec, device="cpu").features(fmnist_features["pixels"])
-            computed[spec] = _feature_set(fmnist_features["pixels"], features, fmnist_features["labels"])
+            computed[spec] = _feature_set(fmnist_features["rows"], fmnist_features["pixels"], features,
+                                          fmnist_features["labels"])
         return computed[spec]
     return features_for
 

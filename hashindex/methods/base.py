@@ -76,6 +76,9 @@ class HashMethod:
     stem_attention: ClassVar[str | None] = None  # module finetune mode puts after the backbone's stem
     profile: str = "paper"
     uses_views: ClassVar[bool] = False  # trains a term on augmented views (deep methods: the ``views`` term)
+    # settings of the student stage that distils the codes into the backbone (student.py; deep
+    # methods' ``student`` parameter); None: the encoder is the trained head on frozen features
+    student: dict | None = None
 
     def __init__(self, bits: int, *, seed: int = 0, neighbourhood: bool | dict | None = None,
                  feature_blocks: list[int] | None = None):
