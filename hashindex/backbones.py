@@ -178,15 +178,19 @@ class Backbone(nn.Module):
         return self.net(x)
 
     def block_parameters(self, first: int) -> list[nn.Parameter]:
-        """Parameters of the blocks from ``first`` to the last one the spec pools: what a student
-        (:mod:`hashindex.methods.student`) fine-tunes while the blocks below stay frozen."""
-        if not self.spec.blocks or not hasattr(self.net, "model"):
-            raise BackboneError(f"{self.spec.name}: fine-tuning from a block needs a backbone with block features "
-                                f"(blocks=...), got {self.spec}")
-        if not 0 <= first <= self.spec.blocks[-1]:
-            raise BackboneError(f"first block to fine-tune must be in 0..{self.spec.blocks[-1]} (the last pooled "
-                                f"block), got {first}")
-        return [p for block in self.net.model._blocks[first:self.spec.blocks[-1] + 1] for p in block.parameters()]
+        """Parameters of the blocks from ``first`` to the last one the features come from (the spec's
+        last pooled block; without ``blocks``, every block and the head's convolution): what a student
+        (:mod:`hashindex.methods.student`) fine-tunes while the layers below stay frozen."""
+        if not hasattr(self.net, "model"):
+            raise BackboneError(f"{self.spec.name}: fine-tuning from a block is for EfficientNet backbones "
+                                f"(numbered blocks); {self.spec.name} has none")
+        model = self.net.model
+        last = self.spec.blocks[-1] if self.spec.blocks else len(model._blocks) - 1
+        if not 0 <= first <= last:
+            raise BackboneError(f"first block to fine-tune must be in 0..{last} (the last block the features "
+                                f"come from), got {first}")
+        layers = list(model._blocks[first:last + 1]) + ([] if self.spec.blocks else [model._conv_head, model._bn1])
+        return [p for layer in layers for p in layer.parameters()]
 
     @torch.inference_mode()
     def features(self, pixels, batch_size: int = 256) -> np.ndarray:

@@ -87,10 +87,13 @@ def test_student_settings_and_misuse_are_clear_errors(fmnist):
         create_method("uhga", 32, student={"epoch": 2})
     with pytest.raises(MethodError, match="student must be true, false or a dict"):
         create_method("nrdh", 32, student="yes")
-    with pytest.raises(BackboneError, match="needs a backbone with block features"):
-        load_backbone(BackboneSpec("efficientnet-lite0", 32), device="cpu").block_parameters(8)
     with pytest.raises(BackboneError, match=r"must be in 0\.\.14"):
         load_backbone(BLOCKS, device="cpu").block_parameters(15)
+    # the pooled head's network: every block from the first named, and the head's convolution
+    plain = load_backbone(BackboneSpec("efficientnet-lite0", 32), device="cpu")
+    tuned = {id(p) for p in plain.block_parameters(15)}
+    assert tuned == {id(p) for m in (plain.net.model._blocks[15], plain.net.model._conv_head, plain.net.model._bn1)
+                     for p in m.parameters()}
     with pytest.raises(MethodError, match="finetune mode trains the backbone itself"):
         train_encoder(fmnist.subset(np.arange(40)), "uhga", 16, mode="finetune",
                       params={"profile": "frozen", "epochs": 1})

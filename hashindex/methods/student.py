@@ -3,9 +3,9 @@ layer, on augmented views of the training images. A stage any method's profile c
 
 A head trained on frozen features (the teacher) encodes a new image through what those features
 say about it, e.g. its nearest training anchors; it cannot learn what the frozen network missed.
-The student fine-tunes the blocks from ``first_block`` on, with a hash layer ``d → hidden → k`` on
-the same pooled block outputs, to give every augmented view of a training image its teacher's code
-(per-bit logistic loss against the teacher's bits). Blocks below ``first_block`` stay frozen, so
+The student fine-tunes the blocks from ``first_block`` on (to the last one the features come from),
+with a hash layer ``d → hidden → k`` on the same features, to give every augmented view of a
+training image its teacher's code (per-bit logistic loss against the teacher's bits). Blocks below ``first_block`` stay frozen, so
 their forward runs without gradients, and batch-norm statistics stay the pretrained ones. Measured
 on the validation split of the protocol's training images (bench/validation_probes.py
 ``--student``), the student's codes rank held-out images better than its teacher's.
@@ -62,7 +62,9 @@ def distil(teacher_bits: torch.Tensor, features: np.ndarray, images, backbone, *
     images
         Callable from row positions (0..n-1) to those images' decoded pixels.
     backbone
-        A :class:`~hashindex.backbones.Backbone` whose spec names feature blocks.
+        An EfficientNet :class:`~hashindex.backbones.Backbone` (numbered blocks): with feature blocks,
+        blocks ``first_block`` to the last pooled one train; on the pooled head, every block from
+        ``first_block`` and the head's convolution.
     """
     n, bits = teacher_bits.shape
     if len(features) != n:
