@@ -49,6 +49,21 @@ def check_feature_blocks(blocks, method: str) -> tuple[int, ...] | None:
     return tuple(blocks)
 
 
+def switch_settings(name: str, spec, keys) -> dict | None:
+    """A config value that switches a stage on with optional settings: None/False = off (None),
+    True = on with its defaults (``{}``), a dict = the settings it names, each one of ``keys``."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return {}
+    if not isinstance(spec, dict):
+        raise MethodError(f"{name} must be true, false or a dict of settings, got {spec!r}")
+    unknown = set(spec) - set(keys)
+    if unknown:
+        raise MethodError(f"{name}: unknown settings {sorted(unknown)}; settings: {', '.join(keys)}")
+    return dict(spec)
+
+
 class HashMethod:
     """Base class: ``fit(features, labels=None) -> head``; the head maps features to real values whose
     signs are the bits. Subclasses implement :meth:`_fit`.

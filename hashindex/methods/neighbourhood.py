@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoder import HEADS, register_head
-from .base import MethodError
+from .base import MethodError, switch_settings
 from .targets import manifold_rank
 
 # rows of queries ranked against the anchors at once: memory O(block · anchors)
@@ -31,17 +31,7 @@ EMBED_BLOCK_ROWS = 4096
 def neighbourhood_params(spec) -> dict | None:
     """A ``neighbourhood`` config value as keyword arguments: None/False = off, True = defaults,
     a dict = its keys (``k``, ``graph_k``, ``alpha``, ``power``, ``max_anchors``)."""
-    if spec is None or spec is False:
-        return None
-    if spec is True:
-        return {}
-    if not isinstance(spec, dict):
-        raise MethodError(f"neighbourhood must be true, false or a dict of settings, got {spec!r}")
-    unknown = set(spec) - {"k", "graph_k", "alpha", "power", "max_anchors"}
-    if unknown:
-        raise MethodError(f"neighbourhood: unknown settings {sorted(unknown)}; "
-                          "settings: k, graph_k, alpha, power, max_anchors")
-    return dict(spec)
+    return switch_settings("neighbourhood", spec, ("k", "graph_k", "alpha", "power", "max_anchors"))
 
 
 def embed(x: torch.Tensor, anchors: torch.Tensor, diffused: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..augment import Augment
-from .base import MethodError
+from .base import MethodError, switch_settings
 from .common import MLPHead
 
 DEFAULTS = {"epochs": 6, "first_block": 8, "lr": 1e-3, "backbone_lr": 1e-4, "batch_size": 64, "hidden": 1024}
@@ -33,16 +33,10 @@ DEFAULTS = {"epochs": 6, "first_block": 8, "lr": 1e-3, "backbone_lr": 1e-4, "bat
 def student_params(spec) -> dict | None:
     """A ``student`` config value as settings: None/False = off, True = :data:`DEFAULTS`, a dict =
     its keys over the defaults."""
-    if spec is None or spec is False:
+    given = switch_settings("student", spec, tuple(DEFAULTS))
+    if given is None:
         return None
-    if spec is True:
-        return dict(DEFAULTS)
-    if not isinstance(spec, dict):
-        raise MethodError(f"student must be true, false or a dict of settings, got {spec!r}")
-    unknown = set(spec) - set(DEFAULTS)
-    if unknown:
-        raise MethodError(f"student: unknown settings {sorted(unknown)}; settings: {', '.join(DEFAULTS)}")
-    settings = {**DEFAULTS, **spec}
+    settings = {**DEFAULTS, **given}
     if int(settings["epochs"]) < 1 or int(settings["batch_size"]) < 2 or int(settings["first_block"]) < 0:
         raise MethodError(f"student: epochs >= 1, batch_size >= 2 and first_block >= 0 needed, got {spec}")
     return settings
