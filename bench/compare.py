@@ -140,6 +140,60 @@ def end_to_end(source, encoder, workers: int) -> tuple[dict, np.ndarray]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def measure(source, split: tuple, cache, spec, method: str, bits: int, params: dict, *, mode: str = "head",
+            seed: int = 0, workers: int = 2, e2e_rows=None) -> dict:
+    """Train one method on the protocol's training images and score its codes: one row of results.
+
+    ``split`` is the protocol's (queries, training, database) rows and ``cache`` the method's features
+    of every image. A head on frozen features encodes from those features (and ``e2e_rows`` of the
+    database also from images through Dask, when given); an encoder with a tuned backbone (finetune
+    mode, or a student) encodes from images, the database through Dask."""
+    queries, train, database = split
+    labels = source.labels
+    features = cache.features
+    method_spec = method_backbone(method, spec, params)
+    train_set = FeatureSet(features[train], cache.valid[train], source.ids[train], labels[train],
+                           cache.location, 0.0, method_spec)
+    with PeakRSS() as memory:
+        encoder = hashindex.train_encoder(source.subset(train), method, bits, backbone=spec,
+                                          features=train_set, params=params, mode=mode, seed=seed)
+    e2e = None
+    if encoder.finetuned:  # finetune mode, or a student (the default of some methods)
+        # the finetuned network's codes exist only from images: the database through Dask
+        e2e, db_codes = end_to_end(source.subset(database), encoder, workers)
+        encode_seconds = None
+        q_codes = encoder.encode_pixels(source.read(queries).pixels)
+    else:
+        started = time.perf_counter()
+        db_codes = encoder.encode_features(features[database])
+        encode_seconds = round(time.perf_counter() - started, 3)
+        q_codes = encoder.encode_features(features[queries])
+        if e2e_rows is not None:
+            e2e, codes = end_to_end(source.subset(e2e_rows), encoder, workers)
+            e2e["codes_identical_to_from_features"] = round(float(
+                (codes == db_codes[np.searchsorted(database, e2e_rows)]).all(axis=1).mean()), 4)
+    scores = hashindex.metrics.evaluate(q_codes, db_codes, labels[queries], labels[database], topks=(None, 1000))
+    used = encoder.training["params"]
+    row = {"method": method, "bits": bits, "profile": used.get("profile"), "mode": mode, "seed": seed,
+           "epochs": used.get("epochs"), "map@all": scores["map@all"], "map@1000": scores["map@1000"],
+           "precision@r2": scores["precision@r2"], "train_seconds": encoder.training["fit_seconds"],
+           "train_peak_rss_added_mb": memory.added, "encode_seconds_69k_from_features": encode_seconds,
+           "precision@n": scores["precision@n"], "pr": {k: np.asarray(v).tolist() for k, v in scores["pr"].items()},
+           "params": used, "backbone": method_spec.to_dict()}
+    if e2e:
+        row["end_to_end"] = e2e
+    return row
+
+
+def row_summary(r: dict) -> str:
+    """One printed line per row: its scores and times."""
+    encode, e2e = r["encode_seconds_69k_from_features"], r.get("end_to_end")
+    return (f"{row_name(r):>20} {r['bits']:>3} bits  mAP@all {r['map@all']:.4f}  mAP@1000 {r['map@1000']:.4f}  "
+            f"P@r2 {r['precision@r2']:.4f}  train {r['train_seconds']:.1f} s (+{r['train_peak_rss_added_mb']:.0f} MB)"
+            + (f"  encode {encode:.2f} s" if encode is not None else "")
+            + (f"  end to end {e2e['seconds']:.0f} s" if e2e else ""))
+
+
 def row_key(r: dict) -> tuple:
     return (r["method"], r["bits"], r.get("profile"), r.get("mode", "head"), r.get("label", ""))
 
@@ -199,7 +253,6 @@ def main(argv=None) -> int:
             caches[method_spec] = cache
         return caches[method_spec]
 
-    labels = source.labels
     print(f"{len(queries)} queries, {len(train)} training, {len(database)} database images", flush=True)
     e2e_rows = database[:QUICK_E2E_IMAGES] if args.quick else database
     commit = machine_info()["git_commit"]
@@ -208,49 +261,14 @@ def main(argv=None) -> int:
     for bits in args.bits:
         for method in methods:
             params, capped = method_params(method, bits, args)
-            method_spec = method_backbone(method, spec, params)
-            cache = features_of(method_spec)
-            features = cache.features
-            train_set = FeatureSet(features[train], cache.valid[train], source.ids[train], labels[train],
-                                   cache.location, 0.0, method_spec)
-            with PeakRSS() as memory:
-                encoder = hashindex.train_encoder(source.subset(train), method, bits, backbone=spec,
-                                                  features=train_set, params=params, mode=args.mode, seed=args.seed)
-            e2e = None
-            if encoder.finetuned:  # finetune mode, or a student (the default of some methods)
-                # the finetuned network's codes exist only from images: the database through Dask
-                e2e, db_codes = end_to_end(source.subset(database), encoder, args.workers)
-                encode_seconds = None
-                q_codes = encoder.encode_pixels(source.read(queries).pixels)
-            else:
-                started = time.perf_counter()
-                db_codes = encoder.encode_features(features[database])
-                encode_seconds = round(time.perf_counter() - started, 3)
-                q_codes = encoder.encode_features(features[queries])
-                if bits == args.e2e_bits and not args.no_e2e:
-                    e2e, codes = end_to_end(source.subset(e2e_rows), encoder, args.workers)
-                    e2e["codes_identical_to_from_features"] = round(float(
-                        (codes == db_codes[np.searchsorted(database, e2e_rows)]).all(axis=1).mean()), 4)
-            scores = hashindex.metrics.evaluate(q_codes, db_codes, labels[queries], labels[database],
-                                                topks=(None, 1000))
-            used = encoder.training["params"]
-            row = {"method": method, "bits": bits, "profile": used.get("profile"), "mode": args.mode,
-                   "label": args.label, "seed": args.seed, "epochs": used.get("epochs"), "capped": capped,
-                   "map@all": scores["map@all"], "map@1000": scores["map@1000"],
-                   "precision@r2": scores["precision@r2"], "train_seconds": encoder.training["fit_seconds"],
-                   "train_peak_rss_added_mb": memory.added,
-                   "encode_seconds_69k_from_features": encode_seconds,
-                   "precision@n": scores["precision@n"],
-                   "pr": {k: np.asarray(v).tolist() for k, v in scores["pr"].items()}, "params": used,
-                   "backbone": method_spec.to_dict(), "commit": commit}
-            if e2e:
-                row["end_to_end"] = e2e
+            cache = features_of(method_backbone(method, spec, params))
+            row = measure(source, (queries, train, database), cache, spec, method, bits, params, mode=args.mode,
+                          seed=args.seed, workers=args.workers,
+                          e2e_rows=e2e_rows if bits == args.e2e_bits and not args.no_e2e else None)
+            row.update({"label": args.label, "capped": capped, "commit": commit})
             results.append(row)
             stem = write_results(results, args, argv, wall, spec)  # after every row: an interrupted run keeps its rows
-            print(f"{row_name(row):>20} {bits:>3} bits  mAP@all {row['map@all']:.4f}  mAP@1000 {row['map@1000']:.4f}  "
-                  f"P@r2 {row['precision@r2']:.4f}  train {row['train_seconds']:.1f} s (+{memory.added:.0f} MB)"
-                  + (f"  encode {encode_seconds:.2f} s" if encode_seconds is not None else "")
-                  + (f"  end to end {e2e['seconds']:.0f} s" if e2e else ""), flush=True)
+            print(row_summary(row), flush=True)
 
     print(markdown_table(results) + f"\nwritten: {stem}.json, .md and PNG plots "
           f"({(time.perf_counter() - wall) / 60:.1f} min)")

@@ -109,7 +109,11 @@ def plot_bars(values: dict, path, title: str, ylabel: str) -> Path:
     labels = [str(k) for k in values]
     bars = ax.bar(labels, [float(v) for v in values.values()])
     ax.bar_label(bars, fmt="%.3f")
-    ax.tick_params(axis="x", labelrotation=30 if len(labels) > 4 else 0)
+    if len(labels) > 4:  # slanted, each label ending under its bar
+        for tick in ax.get_xticklabels():
+            tick.set_rotation(30)
+            tick.set_horizontalalignment("right")
+            tick.set_rotation_mode("anchor")
     return _save(fig, path)
 
 
