@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import _short_commit, measure, row_summary  # noqa: E402
+from compare import _short_commit, measure, row_name, row_summary  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 import hashindex  # noqa: E402
@@ -73,9 +73,9 @@ def main(argv=None) -> int:
     split = hashindex.protocol_split(source, seed=0)
     spec = BackboneSpec("efficientnet-lite0", 64)
     blocks = create_method(args.method, args.bits).feature_blocks
-    variants = {"itq (pooled head)": ("itq", {})}
+    variants = {"pooled head": ("itq", {})}
     if blocks is not None:
-        variants["itq (same blocks)"] = ("itq", {"feature_blocks": list(blocks)})
+        variants["same blocks"] = ("itq", {"feature_blocks": list(blocks)})
     variants["default"] = (args.method, {})
     variants.update({f"no {name}": (args.method, params) for name, params in components(args.method, args.bits).items()})
     stem = os.path.join(args.out, f"ablation_{args.method}_{args.bits}bits" + (f"_seed{args.seed}" if args.seed else ""))
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
 
 def write(rows: list[dict], stem: str, args, wall: float) -> None:
-    itq = {r["label"]: r["map@all"] for r in rows if r["method"] == "itq"}
+    itq = {row_name(r): r["map@all"] for r in rows if r["method"] == "itq"}
     record = {"command": "python bench/ablation.py " + " ".join(sys.argv[1:]), "method": args.method,
               "bits": args.bits, "seed": args.seed, "machine": machine_info(),
               "wall_seconds": round(time.perf_counter() - wall, 1),
@@ -111,11 +111,11 @@ def write(rows: list[dict], stem: str, args, wall: float) -> None:
              "|---|---|---|---|" + "---|" * len(itq) + "---|"]
     for r in rows:
         cells = " | ".join(f"{r['map@all'] / value:.3f}" for value in itq.values())
-        lines.append(f"| {r['label']} | `{json.dumps(r['switched'])}` | {r['map@all']:.4f} | {r['map@1000']:.4f} | "
+        lines.append(f"| {row_name(r)} | `{json.dumps(r['switched'])}` | {r['map@all']:.4f} | {r['map@1000']:.4f} | "
                      f"{cells} | {r['train_seconds']:.1f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_bars({r["label"]: r["map@all"] for r in rows}, stem + ".png",
+    plot_bars({row_name(r): r["map@all"] for r in rows}, stem + ".png",
               title=f"{args.method} ({args.bits} bits): one component off per bar, mAP@all", ylabel="mAP@all")
 
 
