@@ -49,12 +49,18 @@ features (``student`` off) against its student (the default: blocks 8–14 of th
 head distilled from the head's codes on augmented views, hashindex/methods/student.py), both trained
 by ``train_encoder`` on the 4,000 rows; the student encodes the held-out images from their pixels.
 
+``--student-variants`` (issue 14's sixth pass, both splits, training seed 0): the default student
+against variants of it, all distilled by ``student.distil`` from the same head: the head's soft codes
+(its tanh outputs as bit probabilities) as targets instead of its bits; milder augmentation; a teacher
+with the neighbourhood over 5 anchors; the default student's codes averaged with those of the
+flipped image; a second teacher trained on the student's tuned block features, and a student of it.
+
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among
 the held-out images (both unseen, as the protocol's database mostly is) and among the training rows.
 
     python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views | --uhga-settings | --ceiling | --blocks]
-    python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student]     # both splits
+    python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student | --student-variants]  # both splits
 """
 from __future__ import annotations
 
@@ -98,9 +104,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pooling", action="store_true", help="other poolings of the blocks' feature maps (both splits)")
     parser.add_argument("--student", action="store_true", help="UHGA's head against its student (both splits, "
                         "training seeds 0 and 1)")
+    parser.add_argument("--student-variants", action="store_true", help="variants of UHGA's student (both splits)")
     args = parser.parse_args(argv)
     if args.student:
         return student()
+    if args.student_variants:
+        return student_variants()
     if args.uhga_seeds or args.whiten or args.pooling:
         return fourth_pass(args)
     if args.blocks:
@@ -442,6 +451,57 @@ def student() -> int:
                 scores[name] = round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
                 scores[f"{name} train s"] = round(encoder.training["fit_seconds"])
             print(f"split {split_seed}, training seed {seed}: {scores}", flush=True)
+    return 0
+
+
+def student_variants() -> int:
+    """--student-variants: the default student against variants of it, distilled from the same head."""
+    from hashindex.augment import Augment
+    from hashindex.backbones import load_backbone
+    from hashindex.methods.student import distil, student_params
+
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    mild = Augment(crop_scale=(0.8, 1.0), max_shift=0.05, rotate=5.0)
+
+    @torch.no_grad()
+    def relaxed(head, features: np.ndarray) -> torch.Tensor:
+        return head(torch.from_numpy(features))
+
+    def distilled(targets, features, pixels, augment=Augment()):
+        """A student of ``targets``: (its relaxed codes of images, its tuned backbone)."""
+        tuned = load_backbone(BLOCKS, device="cpu")
+        head = distil(targets, features, lambda rows: pixels[rows], tuned, **student_params(True), seed=0,
+                      augment=augment)
+        return lambda images: relaxed(head, tuned.features(images)), tuned
+
+    for split_seed in (0, 1):
+        f, _, labels, held, fit = validation_split(split_seed, BLOCKS, views=False)
+        fit_pixels, held_pixels = source.read(train[fit]).pixels, source.read(train[held]).pixels
+
+        def score(codes: torch.Tensor) -> float:  # held-out images among themselves
+            packed = np.packbits(codes.numpy() >= 0, axis=1)
+            return round(evaluate(packed, packed, labels[held], labels[held], topks=(None,))["map@all"], 4)
+
+        scores = {}
+        for name, params in {"teacher": {}, "teacher k=5": {"neighbourhood": {"k": 5}}}.items():
+            teacher = create_method("uhga", 32, seed=0, **params).fit(f[fit])
+            scores[name] = score(relaxed(teacher, f[held]))
+            soft = relaxed(teacher, f[fit])
+            student, tuned = distilled(soft >= 0, f[fit], fit_pixels)
+            scores[f"student of {name}"] = score(student(held_pixels))
+            if params:
+                continue
+            scores["student, codes averaged with the flipped image's"] = score(
+                student(held_pixels) + student(held_pixels[:, :, ::-1].copy()))
+            scores["student of soft codes"] = score(distilled((1 + soft) / 2, f[fit], fit_pixels)[0](held_pixels))
+            scores["student, milder augmentation"] = score(distilled(soft >= 0, f[fit], fit_pixels, mild)[0](held_pixels))
+            tuned_fit, tuned_held = tuned.features(fit_pixels), tuned.features(held_pixels)
+            second = create_method("uhga", 32, seed=0).fit(tuned_fit)
+            scores["second teacher on the student's tuned features"] = score(relaxed(second, tuned_held))
+            scores["student of the second teacher"] = score(
+                distilled(relaxed(second, tuned_fit) >= 0, f[fit], fit_pixels)[0](held_pixels))
+        print(f"split {split_seed}, training seed 0: {scores}", flush=True)
     return 0
 
 

@@ -49,7 +49,8 @@ def distil(teacher_bits: torch.Tensor, features: np.ndarray, images, backbone, *
     image's augmented views the teacher's code; returns the head, eval mode, on the CPU.
 
     teacher_bits
-        ``[n, k]`` bool, the teacher's code of each training image.
+        ``[n, k]`` bool, the teacher's code of each training image (or floats in [0, 1]: the
+        probability of each bit being 1, as soft targets).
     features
         ``[n, d]`` the frozen backbone's features of the same images: the head's input is
         standardised by their mean and deviation (folded into its first layer at the end).
