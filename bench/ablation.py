@@ -37,11 +37,8 @@ from hashindex.plots import plot_bars  # noqa: E402
 OWN_COMPONENTS = {"uhga": {"gradient attention": {"gradient_attention": False}}}
 
 
-def components(method: str, bits: int) -> dict[str, dict]:
-    """``{component: params that switch it off}`` for what the method's default profile switches on."""
-    hasher = create_method(method, bits)
-    if not isinstance(hasher, DeepHashMethod):
-        raise SystemExit(f"{method} has no profile to ablate (a baseline)")
+def components(hasher: DeepHashMethod) -> dict[str, dict]:
+    """``{component: params that switch it off}`` for what a method's profile switches on."""
     off = {}
     if hasher.student:
         off["student"] = {"student": False}
@@ -55,7 +52,7 @@ def components(method: str, bits: int) -> dict[str, dict]:
     for term in SHARED_TERMS:
         if hasher.config["loss_weights"].get(term):
             off[f"{term} term"] = {"loss_weights": {term: 0}}
-    off.update(OWN_COMPONENTS.get(method, {}))
+    off.update(OWN_COMPONENTS.get(hasher.name, {}))
     return off
 
 
@@ -72,12 +69,14 @@ def main(argv=None) -> int:
     source = hashindex.open_source("fashion-mnist")
     split = hashindex.protocol_split(source, seed=0)
     spec = BackboneSpec("efficientnet-lite0", 64)
-    blocks = create_method(args.method, args.bits).feature_blocks
+    default = create_method(args.method, args.bits)
+    if not components(default):
+        parser.error(f"{args.method}'s default profile ({default.profile}) switches on no shared component to ablate")
     variants = {"pooled head": ("itq", {})}
-    if blocks is not None:
-        variants["same blocks"] = ("itq", {"feature_blocks": list(blocks)})
+    if default.feature_blocks is not None:
+        variants["same blocks"] = ("itq", {"feature_blocks": list(default.feature_blocks)})
     variants["default"] = (args.method, {})
-    variants.update({f"no {name}": (args.method, params) for name, params in components(args.method, args.bits).items()})
+    variants.update({f"no {name}": (args.method, params) for name, params in components(default).items()})
     stem = os.path.join(args.out, f"ablation_{args.method}_{args.bits}bits" + (f"_seed{args.seed}" if args.seed else ""))
     os.makedirs(args.out, exist_ok=True)
     caches, rows = {}, []

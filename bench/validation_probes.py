@@ -65,6 +65,7 @@ the held-out images (both unseen, as the protocol's database mostly is) and amon
 from __future__ import annotations
 
 import argparse
+import functools
 
 import numpy as np
 import torch
@@ -338,8 +339,13 @@ BLOCKS = BackboneSpec("efficientnet-lite0", 64, blocks=(10, 12, 14))
 def held_map(encode, f: np.ndarray, labels, held) -> float:
     """32-bit mAP@all of the held-out rows among themselves, codes from ``encode(features)``."""
     with torch.no_grad():
-        codes = np.packbits((encode(torch.from_numpy(f[held])) >= 0).numpy().astype(np.uint8), axis=1)
-    return round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
+        return codes_map(encode(torch.from_numpy(f[held])), labels[held])
+
+
+def codes_map(relaxed: torch.Tensor, labels) -> float:
+    """mAP@all of images ranked among themselves by the signs of their relaxed codes."""
+    codes = np.packbits((relaxed >= 0).numpy().astype(np.uint8), axis=1)
+    return round(evaluate(codes, codes, labels, labels, topks=(None,))["map@all"], 4)
 
 
 def itq_map(transform, f: np.ndarray, labels, held, fit_rows) -> float:
@@ -478,10 +484,7 @@ def student_variants() -> int:
     for split_seed in (0, 1):
         f, _, labels, held, fit = validation_split(split_seed, BLOCKS, views=False)
         fit_pixels, held_pixels = source.read(train[fit]).pixels, source.read(train[held]).pixels
-
-        def score(codes: torch.Tensor) -> float:  # held-out images among themselves
-            packed = np.packbits(codes.numpy() >= 0, axis=1)
-            return round(evaluate(packed, packed, labels[held], labels[held], topks=(None,))["map@all"], 4)
+        score = functools.partial(codes_map, labels=labels[held])  # held-out images among themselves
 
         scores = {}
         for name, params in {"teacher": {}, "teacher k=5": {"neighbourhood": {"k": 5}}}.items():

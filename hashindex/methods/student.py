@@ -5,8 +5,9 @@ A head trained on frozen features (the teacher) encodes a new image through what
 say about it, e.g. its nearest training anchors; it cannot learn what the frozen network missed.
 The student fine-tunes the blocks from ``first_block`` on (to the last one the features come from),
 with a hash layer ``d → hidden → k`` on the same features, to give every augmented view of a
-training image its teacher's code (per-bit logistic loss against the teacher's bits). Blocks below ``first_block`` stay frozen, so
-their forward runs without gradients, and batch-norm statistics stay the pretrained ones. Measured
+training image its teacher's code (per-bit logistic loss against the teacher's bits). Blocks below
+``first_block`` stay frozen, so their forward runs without gradients, and batch-norm statistics stay
+the pretrained ones. Measured
 on the validation split of the protocol's training images (bench/validation_probes.py
 ``--student``), the student's codes rank held-out images better than its teacher's.
 
