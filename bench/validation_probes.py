@@ -106,7 +106,14 @@ def main(argv=None) -> int:
     parser.add_argument("--student", action="store_true", help="UHGA's head against its student (both splits, "
                         "training seeds 0 and 1)")
     parser.add_argument("--student-variants", action="store_true", help="variants of UHGA's student (both splits)")
+    parser.add_argument("--teachers", action="store_true", help="several teachers for one student (both splits)")
+    parser.add_argument("--teachers-protocol", action="store_true", help="the consensus student against the default "
+                        "on the protocol (training seeds 0, 1, 2)")
     args = parser.parse_args(argv)
+    if args.teachers:
+        return teachers()
+    if args.teachers_protocol:
+        return teachers_protocol()
     if args.student:
         return student()
     if args.student_variants:
@@ -460,26 +467,64 @@ def student() -> int:
     return 0
 
 
-def student_variants() -> int:
-    """--student-variants: the default student against variants of it, distilled from the same head."""
+@torch.no_grad()
+def relaxed(head, features: np.ndarray) -> torch.Tensor:
+    """A trained head's relaxed codes of feature rows."""
+    return head(torch.from_numpy(np.asarray(features)))
+
+
+def distilled(targets, features, pixels, augment=None, seed: int = 0):
+    """A student (UHGA's default settings) of the training codes ``targets``: (its relaxed codes of
+    images, its tuned backbone)."""
     from hashindex.augment import Augment
     from hashindex.backbones import load_backbone
     from hashindex.methods.student import distil, student_params
 
+    tuned = load_backbone(BLOCKS, device="cpu")
+    head = distil(targets, features, lambda rows: pixels[rows], tuned, **student_params(True), seed=seed,
+                  augment=augment or Augment())
+    return lambda images: relaxed(head, tuned.features(images)), tuned
+
+
+def consensus(codes: list[torch.Tensor], bits: int = 32, seed: int = 0) -> tuple[torch.Tensor, "torch.nn.Module"]:
+    """The ``bits``-bit code that keeps the Hamming geometry of several codes of the same rows: ITQ on
+    their concatenated signs. Returns the consensus of those rows and the head that maps new rows'
+    concatenated signs onto it."""
+    joined = torch.cat([torch.sign(c) for c in codes], 1).double()
+    itq = create_method("itq", bits, seed=seed).fit(joined.numpy())
+    with torch.no_grad():
+        return itq(joined).float(), itq
+
+
+def whitened_itq(xt: torch.Tensor, seed: int = 0):
+    """IMH + ITQ on PCA-whitened features (128 d, reg 0.01; the fourth pass's best whitening): a
+    function from feature rows to relaxed 32-bit codes, fitted on ``xt``."""
+    white = whitening(xt, 128, 0.01)
+    nb = NeighbourhoodEmbedding().fit(white(xt))
+    itq = create_method("itq", 32, seed=seed).fit(nb.transform(white(xt)).numpy())
+    return lambda a: relaxed(lambda t: itq(nb.transform(white(t)).double()).float(), a)
+
+
+def objective_fit(codes: torch.Tensor, target, rows: int = 1000) -> float:
+    """Mean |cos(b_i, b_j) − target_ij| over training pairs i != j of sign codes ``codes``: how well
+    the binary codes keep the calibrated target they were trained on (the ``pairs`` term, unrelaxed)."""
+    b = F.normalize(torch.sign(codes).float(), dim=1)
+    n, every, total = len(b), torch.arange(len(b)), 0.0
+    for start in range(0, n, rows):
+        block = every[start:start + rows]
+        gap = (b[block] @ b.T - target(block, every)).abs()
+        gap[torch.arange(len(block)), block] = 0
+        total += float(gap.sum())
+    return total / (n * (n - 1))
+
+
+def student_variants() -> int:
+    """--student-variants: the default student against variants of it, distilled from the same head."""
+    from hashindex.augment import Augment
+
     source = hashindex.open_source("fashion-mnist")
     _, train, _ = hashindex.protocol_split(source, seed=0)
     mild = Augment(crop_scale=(0.8, 1.0), max_shift=0.05, rotate=5.0)
-
-    @torch.no_grad()
-    def relaxed(head, features: np.ndarray) -> torch.Tensor:
-        return head(torch.from_numpy(features))
-
-    def distilled(targets, features, pixels, augment=Augment()):
-        """A student of ``targets``: (its relaxed codes of images, its tuned backbone)."""
-        tuned = load_backbone(BLOCKS, device="cpu")
-        head = distil(targets, features, lambda rows: pixels[rows], tuned, **student_params(True), seed=0,
-                      augment=augment)
-        return lambda images: relaxed(head, tuned.features(images)), tuned
 
     for split_seed in (0, 1):
         f, _, labels, held, fit = validation_split(split_seed, BLOCKS, views=False)
@@ -505,6 +550,68 @@ def student_variants() -> int:
             scores["student of the second teacher"] = score(
                 distilled(relaxed(second, tuned_fit) >= 0, f[fit], fit_pixels)[0](held_pixels))
         print(f"split {split_seed}, training seed 0: {scores}", flush=True)
+    return 0
+
+
+def teachers() -> int:
+    """--teachers (issue 14's seventh pass, both splits): several teachers for one student. Five
+    training seeds of UHGA's head with how well their sign codes keep their calibrated target; the
+    consensus of seeds 0–2 (ITQ on their concatenated codes); student and teacher codes summed at
+    encoding; IMH + ITQ on whitened blocks as a second, different teacher, its consensus with the
+    head, and students of both."""
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    for split_seed in (0, 1):
+        f, _, labels, held, fit = validation_split(split_seed, BLOCKS, views=False)
+        fit_pixels, held_pixels = source.read(train[fit]).pixels, source.read(train[held]).pixels
+        score = functools.partial(codes_map, labels=labels[held])  # held-out images among themselves
+        scores, fit_codes, held_codes = {}, [], []
+        for seed in range(5):
+            method = create_method("uhga", 32, seed=seed)
+            head = method.fit(f[fit])
+            fit_codes.append(relaxed(head, f[fit]))
+            held_codes.append(relaxed(head, f[held]))
+            scores[f"teacher seed {seed} (objective fit)"] = (
+                score(held_codes[-1]), round(objective_fit(fit_codes[-1], method.similarity_), 4))
+        _, itq = consensus(fit_codes[:3])
+        scores["consensus of teacher seeds 0-2"] = score(relaxed(
+            itq, torch.cat([torch.sign(c) for c in held_codes[:3]], 1).double()))
+        student, _ = distilled(fit_codes[0] >= 0, f[fit], fit_pixels)
+        scores["student of teacher seed 0"] = score(student(held_pixels))
+        scores["student + teacher codes summed"] = score(student(held_pixels) + held_codes[0])
+        second = whitened_itq(torch.from_numpy(f[fit]))
+        scores["IMH + ITQ on whitened blocks"] = score(second(f[held]))
+        agreed, itq = consensus([second(f[fit]), fit_codes[0]])
+        scores["consensus of it and teacher seed 0"] = score(relaxed(
+            itq, torch.cat([torch.sign(second(f[held])), torch.sign(held_codes[0])], 1).double()))
+        scores["student of IMH + ITQ on whitened blocks"] = score(distilled(second(f[fit]) >= 0, f[fit], fit_pixels)[0](held_pixels))
+        scores["student of that consensus"] = score(distilled(agreed >= 0, f[fit], fit_pixels)[0](held_pixels))
+        print(f"split {split_seed}: {scores}", flush=True)
+    return 0
+
+
+def teachers_protocol(seeds=(0, 1, 2)) -> int:
+    """--teachers-protocol: the consensus student of --teachers (UHGA's head and IMH + ITQ on whitened
+    blocks) against the default student on bench/compare.py's protocol (32 bits, mAP@all of the 1,000
+    queries against the 69,000-image database, both encoded from pixels by the student). The check
+    of a choice made on validation: nothing here chooses a setting."""
+    source = hashindex.open_source("fashion-mnist")
+    queries, train, database = hashindex.protocol_split(source, seed=0)
+    f = hashindex.cached_features(source.subset(train), BLOCKS).features.astype(np.float32)
+    train_pixels, query_pixels = source.read(train).pixels, source.read(queries).pixels
+    database_pixels = source.read(database).pixels
+
+    def protocol_map(student) -> float:
+        pack = lambda images: np.packbits((student(images) >= 0).numpy().astype(np.uint8), axis=1)  # noqa: E731
+        return round(evaluate(pack(query_pixels), pack(database_pixels), source.labels[queries],
+                              source.labels[database], topks=(None,))["map@all"], 4)
+
+    for seed in seeds:
+        head_codes = relaxed(create_method("uhga", 32, seed=seed).fit(f), f)
+        agreed, _ = consensus([whitened_itq(torch.from_numpy(f), seed=seed)(f), head_codes], seed=seed)
+        scores = {name: protocol_map(distilled(codes >= 0, f, train_pixels, seed=seed)[0])
+                  for name, codes in {"default student": head_codes, "consensus student": agreed}.items()}
+        print(f"seed {seed}: {scores}", flush=True)
     return 0
 
 
