@@ -55,12 +55,20 @@ against variants of it, all distilled by ``student.distil`` from the same head: 
 with the neighbourhood over 5 anchors; the default student's codes averaged with those of the
 flipped image; a second teacher trained on the student's tuned block features, and a student of it.
 
+``--teachers`` (issue 14's seventh pass, both splits): several teachers for one student. UHGA's head at
+training seeds 0–4, each with how well its sign codes keep the calibrated target it trained on (whether
+that unsupervised objective could pick a seed); the consensus of seeds 0–2 (ITQ on their concatenated
+codes); the student's and its teacher's codes summed at encoding; IMH + ITQ on PCA-whitened blocks as a
+second, different teacher, its consensus with the head, and students of both. ``--teachers-protocol``
+then checks the consensus student against the default on the protocol (training seeds 0–2).
+
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among
 the held-out images (both unseen, as the protocol's database mostly is) and among the training rows.
 
     python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views | --uhga-settings | --ceiling | --blocks]
-    python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student | --student-variants]  # both splits
+    python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student | --student-variants | --teachers]  # both splits
+    python bench/validation_probes.py --teachers-protocol  # the protocol's queries: a check, never a choice
 """
 from __future__ import annotations
 
