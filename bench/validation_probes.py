@@ -494,14 +494,14 @@ def distilled(targets, features, pixels, augment=None, seed: int = 0):
     return lambda images: relaxed(head, tuned.features(images)), tuned
 
 
-def consensus(codes: list[torch.Tensor], bits: int = 32, seed: int = 0) -> tuple[torch.Tensor, "torch.nn.Module"]:
+def consensus(codes: list[torch.Tensor], bits: int = 32, seed: int = 0):
     """The ``bits``-bit code that keeps the Hamming geometry of several codes of the same rows: ITQ on
-    their concatenated signs. Returns the consensus of those rows and the head that maps new rows'
-    concatenated signs onto it."""
-    joined = torch.cat([torch.sign(c) for c in codes], 1).double()
-    itq = create_method("itq", bits, seed=seed).fit(joined.numpy())
-    with torch.no_grad():
-        return itq(joined).float(), itq
+    their concatenated signs. Returns the consensus of those rows, and the function that merges other
+    rows' codes (the same teachers, in the same order) the same way."""
+    join = lambda parts: torch.cat([torch.sign(c) for c in parts], 1).double()  # noqa: E731
+    itq = create_method("itq", bits, seed=seed).fit(join(codes).numpy())
+    merge = lambda parts: relaxed(itq, join(parts))  # noqa: E731
+    return merge(codes).float(), merge
 
 
 def whitened_itq(xt: torch.Tensor, seed: int = 0):
@@ -581,17 +581,15 @@ def teachers() -> int:
             held_codes.append(relaxed(head, f[held]))
             scores[f"teacher seed {seed} (objective fit)"] = (
                 score(held_codes[-1]), round(objective_fit(fit_codes[-1], method.similarity_), 4))
-        _, itq = consensus(fit_codes[:3])
-        scores["consensus of teacher seeds 0-2"] = score(relaxed(
-            itq, torch.cat([torch.sign(c) for c in held_codes[:3]], 1).double()))
+        _, merge = consensus(fit_codes[:3])
+        scores["consensus of teacher seeds 0-2"] = score(merge(held_codes[:3]))
         student, _ = distilled(fit_codes[0] >= 0, f[fit], fit_pixels)
         scores["student of teacher seed 0"] = score(student(held_pixels))
         scores["student + teacher codes summed"] = score(student(held_pixels) + held_codes[0])
         second = whitened_itq(torch.from_numpy(f[fit]))
         scores["IMH + ITQ on whitened blocks"] = score(second(f[held]))
-        agreed, itq = consensus([second(f[fit]), fit_codes[0]])
-        scores["consensus of it and teacher seed 0"] = score(relaxed(
-            itq, torch.cat([torch.sign(second(f[held])), torch.sign(held_codes[0])], 1).double()))
+        agreed, merge = consensus([second(f[fit]), fit_codes[0]])
+        scores["consensus of it and teacher seed 0"] = score(merge([second(f[held]), held_codes[0]]))
         scores["student of IMH + ITQ on whitened blocks"] = score(distilled(second(f[fit]) >= 0, f[fit], fit_pixels)[0](held_pixels))
         scores["student of that consensus"] = score(distilled(agreed >= 0, f[fit], fit_pixels)[0](held_pixels))
         print(f"split {split_seed}: {scores}", flush=True)
