@@ -48,6 +48,9 @@ features and ITQ on their embedding. Measured numbers are in bench/README.md.
 features (``student`` off) against its student (the default: blocks 8–14 of the backbone and a new
 head distilled from the head's codes on augmented views, hashindex/methods/student.py), both trained
 by ``train_encoder`` on the 4,000 rows; the student encodes the held-out images from their pixels.
+``--student --methods nrdh ucsh lagnh`` (the eighth pass) does the same for other methods' defaults,
+each on the features its default trains on (LAGNH: the pooled head; its student tunes blocks 8–15 and
+the head's convolution); ``--seeds`` picks the training seeds.
 
 ``--student-variants`` (issue 14's sixth pass, both splits, training seed 0): the default student
 against variants of it, all distilled by ``student.distil`` from the same head: the head's soft codes
@@ -68,6 +71,7 @@ the held-out images (both unseen, as the protocol's database mostly is) and amon
 
     python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views | --uhga-settings | --ceiling | --blocks]
     python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student | --student-variants | --teachers]  # both splits
+    python bench/validation_probes.py --student --methods nrdh ucsh lagnh --seeds 0 1
     python bench/validation_probes.py --teachers-protocol  # the protocol's queries: a check, never a choice
 """
 from __future__ import annotations
@@ -111,8 +115,10 @@ def main(argv=None) -> int:
                         "and with the views term, on block features (both splits)")
     parser.add_argument("--whiten", action="store_true", help="the embedding of PCA-whitened block features (both splits)")
     parser.add_argument("--pooling", action="store_true", help="other poolings of the blocks' feature maps (both splits)")
-    parser.add_argument("--student", action="store_true", help="UHGA's head against its student (both splits, "
+    parser.add_argument("--student", action="store_true", help="a method's head against its student (both splits, "
                         "training seeds 0 and 1)")
+    parser.add_argument("--methods", nargs="+", default=["uhga"], help="--student: the methods (default uhga)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="--student: the training seeds")
     parser.add_argument("--student-variants", action="store_true", help="variants of UHGA's student (both splits)")
     parser.add_argument("--teachers", action="store_true", help="several teachers for one student (both splits)")
     parser.add_argument("--teachers-protocol", action="store_true", help="the consensus student against the default "
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     if args.teachers_protocol:
         return teachers_protocol()
     if args.student:
-        return student()
+        return student(args.methods, args.seeds)
     if args.student_variants:
         return student_variants()
     if args.uhga_seeds or args.whiten or args.pooling:
@@ -452,26 +458,29 @@ def fourth_pass(args) -> int:
     return 0
 
 
-def student() -> int:
-    """--student: UHGA's frozen-feature head against its student, both trained by ``train_encoder``."""
-    from hashindex.build import FeatureSet
+def student(methods=("uhga",), seeds=(0, 1)) -> int:
+    """--student: each method's frozen-feature head (its default profile, ``student`` off) against its
+    student (the default student settings), both trained by ``train_encoder`` on the same 4,000 rows."""
+    from hashindex.build import FeatureSet, method_backbone
 
     source = hashindex.open_source("fashion-mnist")
     _, train, _ = hashindex.protocol_split(source, seed=0)
-    for split_seed in (0, 1):
-        f, _, labels, held, fit_rows = validation_split(split_seed, BLOCKS, views=False)
-        fit_set = FeatureSet(f[fit_rows], np.ones(len(fit_rows), bool), source.ids[train[fit_rows]], labels[fit_rows],
-                             "", 0.0, BLOCKS)
-        held_pixels = source.read(train[held]).pixels
-        for seed in (0, 1):
-            scores = {}
-            for name, params in {"head": {"student": False}, "student": {}}.items():
-                encoder = hashindex.train_encoder(source.subset(train[fit_rows]), "uhga", 32, features=fit_set,
-                                                  params=params, seed=seed)
-                codes = encoder.encode_pixels(held_pixels) if encoder.finetuned else encoder.encode_features(f[held])
-                scores[name] = round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
-                scores[f"{name} train s"] = round(encoder.training["fit_seconds"])
-            print(f"split {split_seed}, training seed {seed}: {scores}", flush=True)
+    for method in methods:
+        spec = method_backbone(method, BackboneSpec("efficientnet-lite0", 64))
+        for split_seed in (0, 1):
+            f, _, labels, held, fit_rows = validation_split(split_seed, spec, views=False)
+            fit_set = FeatureSet(f[fit_rows], np.ones(len(fit_rows), bool), source.ids[train[fit_rows]],
+                                 labels[fit_rows], "", 0.0, spec)
+            held_pixels = source.read(train[held]).pixels
+            for seed in seeds:
+                scores = {}
+                for name, params in {"head": {"student": False}, "student": {"student": True}}.items():
+                    encoder = hashindex.train_encoder(source.subset(train[fit_rows]), method, 32, features=fit_set,
+                                                      params=params, seed=seed)
+                    codes = encoder.encode_pixels(held_pixels) if encoder.finetuned else encoder.encode_features(f[held])
+                    scores[name] = round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
+                    scores[f"{name} train s"] = round(encoder.training["fit_seconds"])
+                print(f"{method}, split {split_seed}, training seed {seed}: {scores}", flush=True)
     return 0
 
 

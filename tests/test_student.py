@@ -62,7 +62,9 @@ def test_uhga_default_trains_a_student_whose_encoder_carries_the_tuned_blocks(me
     encoder = train_encoder(train, "uhga", 32, backbone=BLOCKS, features=features, params=quick)
     assert encoder.finetuned and encoder.training["student_seconds"] > 0
     assert encoder.training["params"]["student"] == {"epochs": 3}
-    assert create_method("uhga", 32).student == student_params(True), "UHGA's default trains a student"
+    for method in ("uhga", "nrdh", "lagnh", "ucsh"):  # every unsupervised default trains one (DPFAH's does not)
+        assert create_method(method, 32).student == student_params(True), f"{method}'s default trains no student"
+    assert create_method("dpfah", 32).student is None and create_method("nrdh", 32, profile="paper").student is None
     held = data["pixels"][1000:1040]
     again = Encoder.from_bytes(encoder.to_bytes())
     codes = again.encode_pixels(held)
