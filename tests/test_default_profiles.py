@@ -3,9 +3,11 @@
 Each trains its default profile as shipped on 1,000 real Fashion-MNIST training images' features,
 through the network the profile names (UHGA, NRDH and UCSH: pooled outputs of backbone blocks 10, 12
 and 14; LAGNH: the pooled head), and is scored on 200 held-out training images, never on protocol
-queries, against ITQ fitted to the same features. Without the embedding or the calibrated pair fit
-the defaults fall to ITQ or below (bench/results/compare_64px.md's ablation rows), so losing either,
-or breaking the encoder's anchors, turns this red.
+queries, against ITQ fitted to the same features. This is the head each default trains on frozen
+features; the student every unsupervised default then distils from it is tested in test_student.py.
+Without the embedding or the calibrated pair fit the defaults fall to ITQ or below
+(bench/results/compare_64px.md's ablation rows), so losing either, or breaking the encoder's
+anchors, turns this red.
 """
 import pytest
 

@@ -54,16 +54,29 @@ def test_the_student_learns_its_teachers_codes_and_tunes_only_its_blocks(method_
     assert train_agreement > 0.85 and held_agreement > 0.85, (train_agreement, held_agreement)
 
 
-def test_uhga_default_trains_a_student_whose_encoder_carries_the_tuned_blocks(method_features, fmnist):
-    data = method_features("uhga")
+# UHGA trains on blocks 10, 12 and 14 (its student tunes blocks 8-14); LAGNH on the pooled head (its
+# student tunes blocks 8-15 and the head's convolution). Head epochs cut where the default is slow.
+QUICK = {"uhga": {"epochs": 4, "student": {"epochs": 3}}, "lagnh": {"student": {"epochs": 3}}}
+
+
+@pytest.mark.parametrize("method", sorted(QUICK))
+def test_a_default_trains_a_student_whose_encoder_carries_the_tuned_blocks(method, method_features, fmnist):
+    from hashindex.build import method_backbone
+    spec = method_backbone(method, BackboneSpec("efficientnet-lite0", 64))
+    data = method_features(method)
     train = fmnist.subset(data["rows"][:1000])
-    features = FeatureSet(data["train"], np.ones(1000, bool), train.ids, data["train_labels"], "", 0.0, BLOCKS)
-    quick = {"epochs": 4, "student": {"epochs": 3}}
-    encoder = train_encoder(train, "uhga", 32, backbone=BLOCKS, features=features, params=quick)
-    assert encoder.finetuned and encoder.training["student_seconds"] > 0
-    assert encoder.training["params"]["student"] == {"epochs": 3}
-    for method in ("uhga", "nrdh", "lagnh", "ucsh"):  # every unsupervised default trains one (DPFAH's does not)
-        assert create_method(method, 32).student == student_params(True), f"{method}'s default trains no student"
+    features = FeatureSet(data["train"], np.ones(1000, bool), train.ids, data["train_labels"], "", 0.0, spec)
+    encoder = train_encoder(train, method, 32, backbone=BackboneSpec("efficientnet-lite0", 64), features=features,
+                            params=QUICK[method])
+    assert encoder.finetuned and encoder.training["student_seconds"] > 0 and encoder.backbone_spec == spec
+    assert encoder.training["params"]["student"] == QUICK[method]["student"]
+    pretrained = load_backbone(spec, device="cpu").net.state_dict()
+    moved = {k.split(".")[1] + (k.split(".")[2] if k.startswith("model._blocks.") else "")
+             for k, v in encoder.backbone_state.items() if v.is_floating_point() and not torch.equal(v, pretrained[k])}
+    tuned_layers = {f"_blocks{i}" for i in range(8, 15)} | ({"_blocks15", "_conv_head", "_bn1"} if spec.blocks is None else set())
+    assert moved == tuned_layers, sorted(moved)
+    for name in ("uhga", "nrdh", "lagnh", "ucsh"):  # every unsupervised default trains one (DPFAH's does not)
+        assert create_method(name, 32).student == student_params(True), f"{name}'s default trains no student"
     assert create_method("dpfah", 32).student is None and create_method("nrdh", 32, profile="paper").student is None
     held = data["pixels"][1000:1040]
     again = Encoder.from_bytes(encoder.to_bytes())
@@ -76,7 +89,7 @@ def test_uhga_default_trains_a_student_whose_encoder_carries_the_tuned_blocks(me
     student_map = metrics.mean_average_precision(again.encode_pixels(data["pixels"][1000:]),
                                                  again.encode_pixels(data["pixels"][:1000]),
                                                  data["query_labels"], data["train_labels"])
-    itq = Encoder(method="itq", bits=32, backbone=BLOCKS, head=create_method("itq", 32).fit(data["train"]))
+    itq = Encoder(method="itq", bits=32, backbone=spec, head=create_method("itq", 32).fit(data["train"]))
     itq_map = metrics.mean_average_precision(itq.encode_features(data["query"]), itq.encode_features(data["train"]),
                                              data["query_labels"], data["train_labels"])
     assert student_map > itq_map + 0.015, (student_map, itq_map)
