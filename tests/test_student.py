@@ -25,6 +25,15 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.unpackbits(a, axis=1) == np.unpackbits(b, axis=1)).mean())
 
 
+def _moved_layers(before: dict, after: dict) -> set[str]:
+    """The backbone layers (``_blocks8``, ``_conv_head``, …) with a weight that differs between two
+    state dicts of the same network."""
+    def layer(key: str) -> str:
+        parts = key.split(".")
+        return parts[1] + (parts[2] if parts[1] == "_blocks" else "")
+    return {layer(k) for k, v in after.items() if v.is_floating_point() and not torch.equal(v, before[k])}
+
+
 def test_the_student_learns_its_teachers_codes_and_tunes_only_its_blocks(method_features):
     data = method_features("uhga")  # the pooled outputs of blocks 10, 12 and 14, as BLOCKS computes them
     teacher = create_method("itq", 32).fit(data["train"])
@@ -36,9 +45,8 @@ def test_the_student_learns_its_teachers_codes_and_tunes_only_its_blocks(method_
     head = distil(bits, data["train"], lambda rows: pixels[rows], backbone, epochs=3, first_block=8, lr=1e-3,
                   backbone_lr=1e-4, batch_size=64, hidden=256, seed=0)
     after = backbone.net.state_dict()
-    moved = {int(k.split(".")[2]) for k, v in after.items()
-             if k.startswith("model._blocks.") and v.is_floating_point() and not torch.equal(v, before[k])}
-    assert moved == set(range(8, 15)), f"blocks that moved: {sorted(moved)}"
+    moved = _moved_layers(before, after)
+    assert moved == {f"_blocks{i}" for i in range(8, 15)}, f"layers that moved: {sorted(moved)}"
     assert all(torch.equal(v, before[k]) for k, v in after.items() if not k.startswith("model._blocks."))
     assert not any(p.requires_grad for p in backbone.net.parameters())
 
@@ -70,14 +78,9 @@ def test_a_default_trains_a_student_whose_encoder_carries_the_tuned_blocks(metho
                             params=QUICK[method])
     assert encoder.finetuned and encoder.training["student_seconds"] > 0 and encoder.backbone_spec == spec
     assert encoder.training["params"]["student"] == QUICK[method]["student"]
-    pretrained = load_backbone(spec, device="cpu").net.state_dict()
-    moved = {k.split(".")[1] + (k.split(".")[2] if k.startswith("model._blocks.") else "")
-             for k, v in encoder.backbone_state.items() if v.is_floating_point() and not torch.equal(v, pretrained[k])}
-    tuned_layers = {f"_blocks{i}" for i in range(8, 15)} | ({"_blocks15", "_conv_head", "_bn1"} if spec.blocks is None else set())
-    assert moved == tuned_layers, sorted(moved)
-    for name in ("uhga", "nrdh", "lagnh", "ucsh"):  # every unsupervised default trains one (DPFAH's does not)
-        assert create_method(name, 32).student == student_params(True), f"{name}'s default trains no student"
-    assert create_method("dpfah", 32).student is None and create_method("nrdh", 32, profile="paper").student is None
+    moved = _moved_layers(load_backbone(spec, device="cpu").net.state_dict(), encoder.backbone_state)
+    pooled_head = set() if spec.blocks else {"_blocks15", "_conv_head", "_bn1"}
+    assert moved == {f"_blocks{i}" for i in range(8, 15)} | pooled_head, sorted(moved)
     held = data["pixels"][1000:1040]
     again = Encoder.from_bytes(encoder.to_bytes())
     codes = again.encode_pixels(held)
@@ -93,6 +96,13 @@ def test_a_default_trains_a_student_whose_encoder_carries_the_tuned_blocks(metho
     itq_map = metrics.mean_average_precision(itq.encode_features(data["query"]), itq.encode_features(data["train"]),
                                              data["query_labels"], data["train_labels"])
     assert student_map > itq_map + 0.015, (student_map, itq_map)
+
+
+def test_every_unsupervised_default_trains_a_student():
+    for name in ("uhga", "nrdh", "lagnh", "ucsh"):
+        assert create_method(name, 32).student == student_params(True), f"{name}'s default trains no student"
+    # DPFAH's default and the papers' profiles train none
+    assert create_method("dpfah", 32).student is None and create_method("nrdh", 32, profile="paper").student is None
 
 
 def test_student_settings_and_misuse_are_clear_errors(fmnist):
