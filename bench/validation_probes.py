@@ -58,6 +58,11 @@ against variants of it, all distilled by ``student.distil`` from the same head: 
 with the neighbourhood over 5 anchors; the default student's codes averaged with those of the
 flipped image; a second teacher trained on the student's tuned block features, and a student of it.
 
+``--student-settings`` (issue 14's ninth pass, both splits, ``--seeds``): UHGA's head distilled by
+students that differ from the shared student defaults in the blocks' learning rate (3e-4, 1e-3, 3e-3
+against 1e-4), 10 epochs or tuning from block 5, each from the same head. Measured numbers are in
+bench/README.md.
+
 ``--teachers`` (issue 14's seventh pass, both splits): several teachers for one student. UHGA's head at
 training seeds 0–4, each with how well its sign codes keep the calibrated target it trained on (whether
 that unsupervised objective could pick a seed); the consensus of seeds 0–2 (ITQ on their concatenated
@@ -72,6 +77,7 @@ the held-out images (both unseen, as the protocol's database mostly is) and amon
     python bench/validation_probes.py [--split-seed 0] [--dpfah | --uhga-views | --uhga-settings | --ceiling | --blocks]
     python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student | --student-variants | --teachers]  # both splits
     python bench/validation_probes.py --student --methods nrdh ucsh lagnh --seeds 0 1
+    python bench/validation_probes.py --student-settings --seeds 0 1
     python bench/validation_probes.py --teachers-protocol  # the protocol's queries: a check, never a choice
 """
 from __future__ import annotations
@@ -120,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["uhga"], help="--student: the methods (default uhga)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="--student: the training seeds")
     parser.add_argument("--student-variants", action="store_true", help="variants of UHGA's student (both splits)")
+    parser.add_argument("--student-settings", action="store_true", help="UHGA's student with one of its settings "
+                        "changed: the blocks' learning rate, epochs, first block (both splits, --seeds)")
     parser.add_argument("--teachers", action="store_true", help="several teachers for one student (both splits)")
     parser.add_argument("--teachers-protocol", action="store_true", help="the consensus student against the default "
                         "on the protocol (training seeds 0, 1, 2)")
@@ -132,6 +140,8 @@ def main(argv=None) -> int:
         return student(args.methods, args.seeds)
     if args.student_variants:
         return student_variants()
+    if args.student_settings:
+        return student_settings(args.seeds)
     if args.uhga_seeds or args.whiten or args.pooling:
         return fourth_pass(args)
     if args.blocks:
@@ -490,15 +500,15 @@ def relaxed(head, features: np.ndarray) -> torch.Tensor:
     return head(torch.from_numpy(np.asarray(features)))
 
 
-def distilled(targets, features, pixels, augment=None, seed: int = 0):
-    """A student (UHGA's default settings) of the training codes ``targets``: (its relaxed codes of
-    images, its tuned backbone)."""
+def distilled(targets, features, pixels, augment=None, seed: int = 0, **settings):
+    """A student of the training codes ``targets`` (the shared student defaults, ``settings`` over
+    them): (its relaxed codes of images, its tuned backbone)."""
     from hashindex.augment import Augment
     from hashindex.backbones import load_backbone
     from hashindex.methods.student import distil, student_params
 
     tuned = load_backbone(BLOCKS, device="cpu")
-    head = distil(targets, features, lambda rows: pixels[rows], tuned, **student_params(True), seed=seed,
+    head = distil(targets, features, lambda rows: pixels[rows], tuned, **student_params(settings or True), seed=seed,
                   augment=augment or Augment())
     return lambda images: relaxed(head, tuned.features(images)), tuned
 
@@ -567,6 +577,36 @@ def student_variants() -> int:
             scores["student of the second teacher"] = score(
                 distilled(relaxed(second, tuned_fit) >= 0, f[fit], fit_pixels)[0](held_pixels))
         print(f"split {split_seed}, training seed 0: {scores}", flush=True)
+    return 0
+
+
+STUDENT_SETTINGS = {
+    "the student defaults (blocks' lr 1e-4, 6 epochs, from block 8)": {},
+    "blocks' lr 3e-4": {"backbone_lr": 3e-4},
+    "blocks' lr 1e-3": {"backbone_lr": 1e-3},
+    "blocks' lr 3e-3": {"backbone_lr": 3e-3},
+    "blocks' lr 1e-3, 10 epochs": {"backbone_lr": 1e-3, "epochs": 10},
+    "blocks' lr 1e-3, from block 5": {"backbone_lr": 1e-3, "first_block": 5},
+}
+
+
+def student_settings(seeds=(0, 1)) -> int:
+    """--student-settings (issue 14's ninth pass, both splits): UHGA's head (its default, ``student``
+    off) distilled by students that differ from the shared defaults in one or two settings."""
+    source = hashindex.open_source("fashion-mnist")
+    _, train, _ = hashindex.protocol_split(source, seed=0)
+    for seed in seeds:
+        for split_seed in (0, 1):
+            f, _, labels, held, fit = validation_split(split_seed, BLOCKS, views=False)
+            fit_pixels, held_pixels = source.read(train[fit]).pixels, source.read(train[held]).pixels
+            teacher = create_method("uhga", 32, seed=seed).fit(f[fit])
+            bits = relaxed(teacher, f[fit]) >= 0
+            scores = {"the head (teacher)": codes_map(relaxed(teacher, f[held]), labels[held])}
+            for name, settings in STUDENT_SETTINGS.items():
+                student, _ = distilled(bits, f[fit], fit_pixels, seed=seed, **settings)
+                scores[name] = codes_map(student(held_pixels), labels[held])
+                print(f"  split {split_seed}, training seed {seed}, {name}: {scores[name]}", flush=True)
+            print(f"split {split_seed}, training seed {seed}: {scores}", flush=True)
     return 0
 
 
