@@ -216,8 +216,9 @@ def main(argv=None) -> int:
     parser.add_argument("--params", help="JSON of parameters of the methods, e.g. '{\"fusion\": 0}' (LAGNH) or "
                                           "'{\"feature_blocks\": [10, 12, 14]}' (any method)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="training seed of every method (default 0; another seed labels its rows 'seed N' "
-                             "unless --label names them), to see how much a figure moves from seed to seed")
+                        help="training seed of every method (default 0; another seed adds 'seed N' to the rows' "
+                             "label, so seeds never replace each other's rows), to see how much a figure moves "
+                             "from seed to seed")
     parser.add_argument("--label", default="", help="names the variant in the results (with --params)")
     parser.add_argument("--epochs", type=int, help="epochs of every deep method (default: the profiles' own)")
     parser.add_argument("--full-bits", type=int, nargs="+", default=[32],
@@ -233,8 +234,8 @@ def main(argv=None) -> int:
         args.bits = [32]
     if args.params and not args.label:
         parser.error("--params needs a --label naming the variant")
-    if args.seed and not args.label:
-        args.label = f"seed {args.seed}"
+    if args.seed:  # rows of different seeds must not replace each other
+        args.label = ", ".join(filter(None, [args.label, f"seed {args.seed}"]))
     methods = args.methods or sorted(METHODS, key=lambda m: (ORDER + [m]).index(m))
     if args.mode == "finetune":
         methods = [m for m in methods if METHODS[m].can_finetune]
