@@ -63,8 +63,9 @@ def test_the_student_learns_its_teachers_codes_and_tunes_only_its_blocks(method_
 
 
 # UHGA trains on blocks 10, 12 and 14 (its student tunes blocks 8-14); LAGNH on the pooled head (its
-# student tunes blocks 8-15 and the head's convolution). Head epochs cut where the default is slow.
-QUICK = {"uhga": {"epochs": 4, "student": {"epochs": 3}}, "lagnh": {"student": {"epochs": 3}}}
+# student tunes blocks 8-15 and the head's convolution). Epochs cut where the default is slow; UHGA's
+# student keeps its default's learning rate for the blocks.
+QUICK = {"uhga": {"epochs": 4, "student": {"epochs": 3, "backbone_lr": 1e-3}}, "lagnh": {"student": {"epochs": 3}}}
 
 
 @pytest.mark.parametrize("method", sorted(QUICK))
@@ -99,8 +100,11 @@ def test_a_default_trains_a_student_whose_encoder_carries_the_tuned_blocks(metho
 
 
 def test_every_unsupervised_default_trains_a_student():
+    # the shared student settings, but UHGA's tunes its blocks at lr 1e-3 (issue 14's ninth pass)
+    expected = {"uhga": student_params({"backbone_lr": 1e-3})}
     for name in ("uhga", "nrdh", "lagnh", "ucsh"):
-        assert create_method(name, 32).student == student_params(True), f"{name}'s default trains no student"
+        assert create_method(name, 32).student == expected.get(name, student_params(True)), \
+            f"{name}'s default trains no student, or not the one chosen"
     # DPFAH's default and the papers' profiles train none
     assert create_method("dpfah", 32).student is None and create_method("nrdh", 32, profile="paper").student is None
 
