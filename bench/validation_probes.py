@@ -60,8 +60,9 @@ flipped image; a second teacher trained on the student's tuned block features, a
 
 ``--student-settings`` (issue 14's ninth pass, both splits, ``--seeds``): UHGA's head distilled by
 students that differ from the shared student defaults in the blocks' learning rate (3e-4, 1e-3, 3e-3
-against 1e-4), 10 epochs or tuning from block 5, each from the same head. Measured numbers are in
-bench/README.md.
+against 1e-4), 10 epochs or tuning from block 5, each from the same head. With ``--methods lagnh nrdh
+ucsh`` (the tenth pass): each of those defaults' heads distilled at the shared defaults and at UHGA's
+blocks' learning rate, 1e-3. Measured numbers are in bench/README.md.
 
 ``--teachers`` (issue 14's seventh pass, both splits): several teachers for one student. UHGA's head at
 training seeds 0–4, each with how well its sign codes keep the calibrated target it trained on (whether
@@ -78,6 +79,7 @@ the held-out images (both unseen, as the protocol's database mostly is) and amon
     python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student | --student-variants | --teachers]  # both splits
     python bench/validation_probes.py --student --methods nrdh ucsh lagnh --seeds 0 1
     python bench/validation_probes.py --student-settings --seeds 0 1
+    python bench/validation_probes.py --student-settings --methods lagnh nrdh ucsh --seeds 0 1
     python bench/validation_probes.py --teachers-protocol  # the protocol's queries: a check, never a choice
 """
 from __future__ import annotations
@@ -123,11 +125,14 @@ def main(argv=None) -> int:
     parser.add_argument("--pooling", action="store_true", help="other poolings of the blocks' feature maps (both splits)")
     parser.add_argument("--student", action="store_true", help="a method's head against its student (both splits, "
                         "training seeds 0 and 1)")
-    parser.add_argument("--methods", nargs="+", default=["uhga"], help="--student: the methods (default uhga)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="--student: the training seeds")
+    parser.add_argument("--methods", nargs="+", default=["uhga"], help="--student, --student-settings: the methods "
+                        "(default uhga)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="--student, --student-settings: the "
+                        "training seeds")
     parser.add_argument("--student-variants", action="store_true", help="variants of UHGA's student (both splits)")
-    parser.add_argument("--student-settings", action="store_true", help="UHGA's student with one of its settings "
-                        "changed: the blocks' learning rate, epochs, first block (both splits, --seeds)")
+    parser.add_argument("--student-settings", action="store_true", help="a method's student with one of its "
+                        "settings changed: the blocks' learning rate (UHGA: also epochs, first block); both splits, "
+                        "--seeds, --methods")
     parser.add_argument("--teachers", action="store_true", help="several teachers for one student (both splits)")
     parser.add_argument("--teachers-protocol", action="store_true", help="the consensus student against the default "
                         "on the protocol (training seeds 0, 1, 2)")
@@ -141,7 +146,7 @@ def main(argv=None) -> int:
     if args.student_variants:
         return student_variants()
     if args.student_settings:
-        return student_settings(args.seeds)
+        return student_settings(args.methods, args.seeds)
     if args.uhga_seeds or args.whiten or args.pooling:
         return fourth_pass(args)
     if args.blocks:
@@ -500,14 +505,15 @@ def relaxed(head, features: np.ndarray) -> torch.Tensor:
     return head(torch.from_numpy(np.asarray(features)))
 
 
-def distilled(targets, features, pixels, augment=None, seed: int = 0, **settings):
+def distilled(targets, features, pixels, augment=None, seed: int = 0, spec=None, **settings):
     """A student of the training codes ``targets`` (the shared student defaults, ``settings`` over
-    them): (its relaxed codes of images, its tuned backbone)."""
+    them) that tunes the backbone ``spec`` (default: blocks 10, 12, 14): (its relaxed codes of images,
+    its tuned backbone)."""
     from hashindex.augment import Augment
     from hashindex.backbones import load_backbone
     from hashindex.methods.student import distil, student_params
 
-    tuned = load_backbone(BLOCKS, device="cpu")
+    tuned = load_backbone(spec or BLOCKS, device="cpu")
     head = distil(targets, features, lambda rows: pixels[rows], tuned, **student_params(settings or True), seed=seed,
                   augment=augment or Augment())
     return lambda images: relaxed(head, tuned.features(images)), tuned
@@ -588,25 +594,38 @@ STUDENT_SETTINGS = {
     "blocks' lr 1e-3, 10 epochs": {"backbone_lr": 1e-3, "epochs": 10},
     "blocks' lr 1e-3, from block 5": {"backbone_lr": 1e-3, "first_block": 5},
 }
+# the tenth pass: does UHGA's chosen learning rate carry over to the other methods' students?
+OTHER_STUDENT_SETTINGS = {
+    "the student defaults (blocks' lr 1e-4)": {},
+    "blocks' lr 1e-3 (UHGA's)": {"backbone_lr": 1e-3},
+}
 
 
-def student_settings(seeds=(0, 1)) -> int:
-    """--student-settings (issue 14's ninth pass, both splits): UHGA's head (its default, ``student``
-    off) distilled by students that differ from the shared defaults in one or two settings."""
+def student_settings(methods=("uhga",), seeds=(0, 1)) -> int:
+    """--student-settings (issue 14's ninth and tenth passes, both splits): each method's head (its
+    default, ``student`` off) distilled by students that differ from the shared defaults in one or
+    two settings, every student from the same head: UHGA's over :data:`STUDENT_SETTINGS`, the other
+    methods' over :data:`OTHER_STUDENT_SETTINGS` (LAGNH's student tunes blocks 8–15 and the head's
+    convolution, as its default does)."""
+    from hashindex.build import method_backbone
+
     source = hashindex.open_source("fashion-mnist")
     _, train, _ = hashindex.protocol_split(source, seed=0)
-    for seed in seeds:
-        for split_seed in (0, 1):
-            f, _, labels, held, fit = validation_split(split_seed, BLOCKS, views=False)
-            fit_pixels, held_pixels = source.read(train[fit]).pixels, source.read(train[held]).pixels
-            teacher = create_method("uhga", 32, seed=seed).fit(f[fit])
-            bits = relaxed(teacher, f[fit]) >= 0
-            scores = {"the head (teacher)": codes_map(relaxed(teacher, f[held]), labels[held])}
-            for name, settings in STUDENT_SETTINGS.items():
-                student, _ = distilled(bits, f[fit], fit_pixels, seed=seed, **settings)
-                scores[name] = codes_map(student(held_pixels), labels[held])
-                print(f"  split {split_seed}, training seed {seed}, {name}: {scores[name]}", flush=True)
-            print(f"split {split_seed}, training seed {seed}: {scores}", flush=True)
+    for method in methods:
+        spec = method_backbone(method, BackboneSpec("efficientnet-lite0", 64))
+        settings_tried = STUDENT_SETTINGS if method == "uhga" else OTHER_STUDENT_SETTINGS
+        for seed in seeds:
+            for split_seed in (0, 1):
+                f, _, labels, held, fit = validation_split(split_seed, spec, views=False)
+                fit_pixels, held_pixels = source.read(train[fit]).pixels, source.read(train[held]).pixels
+                teacher = create_method(method, 32, seed=seed).fit(f[fit])
+                bits = relaxed(teacher, f[fit]) >= 0
+                scores = {"the head (teacher)": codes_map(relaxed(teacher, f[held]), labels[held])}
+                for name, settings in settings_tried.items():
+                    student, _ = distilled(bits, f[fit], fit_pixels, seed=seed, spec=spec, **settings)
+                    scores[name] = codes_map(student(held_pixels), labels[held])
+                    print(f"  {method}, split {split_seed}, training seed {seed}, {name}: {scores[name]}", flush=True)
+                print(f"{method}, split {split_seed}, training seed {seed}: {scores}", flush=True)
     return 0
 
 
