@@ -50,7 +50,8 @@ head distilled from the head's codes on augmented views, hashindex/methods/stude
 by ``train_encoder`` on the 4,000 rows; the student encodes the held-out images from their pixels.
 ``--student --methods nrdh ucsh lagnh`` (the eighth pass) does the same for other methods' defaults,
 each on the features its default trains on (LAGNH: the pooled head; its student tunes blocks 8–15 and
-the head's convolution); ``--seeds`` picks the training seeds.
+the head's convolution); ``--seeds`` picks the training seeds. Each student is its default's as it is
+now: the eighth pass measured them with the blocks at lr 1e-4, the shared default then.
 
 ``--student-variants`` (issue 14's sixth pass, both splits, training seed 0): the default student
 against variants of it, all distilled by ``student.distil`` from the same head: the head's soft codes
@@ -506,15 +507,17 @@ def relaxed(head, features: np.ndarray) -> torch.Tensor:
 
 
 def distilled(targets, features, pixels, augment=None, seed: int = 0, spec=None, **settings):
-    """A student of the training codes ``targets`` (the shared student defaults, ``settings`` over
-    them) that tunes the backbone ``spec`` (default: blocks 10, 12, 14): (its relaxed codes of images,
-    its tuned backbone)."""
+    """A student of the training codes ``targets`` that tunes the backbone ``spec`` (default: blocks
+    10, 12, 14): (its relaxed codes of images, its tuned backbone). Its settings are the student the
+    sixth to tenth passes compared against, so that their figures reproduce: the shared student
+    defaults with the blocks at lr 1e-4 (the shared default until the tenth pass), ``settings`` over them."""
     from hashindex.augment import Augment
     from hashindex.backbones import load_backbone
     from hashindex.methods.student import distil, student_params
 
     tuned = load_backbone(spec or BLOCKS, device="cpu")
-    head = distil(targets, features, lambda rows: pixels[rows], tuned, **student_params(settings or True), seed=seed,
+    head = distil(targets, features, lambda rows: pixels[rows], tuned,
+                  **student_params({"backbone_lr": 1e-4, **settings}), seed=seed,
                   augment=augment or Augment())
     return lambda images: relaxed(head, tuned.features(images)), tuned
 
