@@ -80,7 +80,7 @@ the held-out images (both unseen, as the protocol's database mostly is) and amon
     python bench/validation_probes.py [--uhga-seeds | --whiten | --pooling | --student | --student-variants | --teachers]  # both splits
     python bench/validation_probes.py --student --methods nrdh ucsh lagnh --seeds 0 1
     python bench/validation_probes.py --student-settings --seeds 0 1
-    python bench/validation_probes.py --student-settings --methods lagnh nrdh ucsh --seeds 0 1
+    python bench/validation_probes.py --student-settings --methods lagnh nrdh ucsh --seeds 0 1 [--backbone-lrs 3e-4]
     python bench/validation_probes.py --teachers-protocol  # the protocol's queries: a check, never a choice
 """
 from __future__ import annotations
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--student-settings", action="store_true", help="a method's student with one of its "
                         "settings changed: the blocks' learning rate (UHGA: also epochs, first block); both splits, "
                         "--seeds, --methods")
+    parser.add_argument("--backbone-lrs", nargs="+", type=float, default=list(OTHER_BACKBONE_LRS),
+                        help="--student-settings, methods other than uhga: the blocks' learning rates (default 1e-4 1e-3)")
     parser.add_argument("--teachers", action="store_true", help="several teachers for one student (both splits)")
     parser.add_argument("--teachers-protocol", action="store_true", help="the consensus student against the default "
                         "on the protocol (training seeds 0, 1, 2)")
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     if args.student_variants:
         return student_variants()
     if args.student_settings:
-        return student_settings(args.methods, args.seeds)
+        return student_settings(args.methods, args.seeds, args.backbone_lrs)
     if args.uhga_seeds or args.whiten or args.pooling:
         return fourth_pass(args)
     if args.blocks:
@@ -598,25 +600,24 @@ STUDENT_SETTINGS = {
     "blocks' lr 1e-3, from block 5": {"backbone_lr": 1e-3, "first_block": 5},
 }
 # the tenth pass: does UHGA's chosen learning rate carry over to the other methods' students?
-OTHER_STUDENT_SETTINGS = {
-    "the student defaults (blocks' lr 1e-4)": {},
-    "blocks' lr 1e-3 (UHGA's)": {"backbone_lr": 1e-3},
-}
+# (--backbone-lrs picks other rates for them)
+OTHER_BACKBONE_LRS = (1e-4, 1e-3)
 
 
-def student_settings(methods=("uhga",), seeds=(0, 1)) -> int:
+def student_settings(methods=("uhga",), seeds=(0, 1), backbone_lrs=OTHER_BACKBONE_LRS) -> int:
     """--student-settings (issue 14's ninth and tenth passes, both splits): each method's head (its
     default, ``student`` off) distilled by students that differ from the shared defaults in one or
     two settings, every student from the same head: UHGA's over :data:`STUDENT_SETTINGS`, the other
-    methods' over :data:`OTHER_STUDENT_SETTINGS` (LAGNH's student tunes blocks 8–15 and the head's
-    convolution, as its default does)."""
+    methods' at each of ``backbone_lrs``, the blocks' learning rates (LAGNH's student tunes blocks
+    8–15 and the head's convolution, as its default does)."""
     from hashindex.build import method_backbone
 
     source = hashindex.open_source("fashion-mnist")
     _, train, _ = hashindex.protocol_split(source, seed=0)
     for method in methods:
         spec = method_backbone(method, BackboneSpec("efficientnet-lite0", 64))
-        settings_tried = STUDENT_SETTINGS if method == "uhga" else OTHER_STUDENT_SETTINGS
+        settings_tried = STUDENT_SETTINGS if method == "uhga" else {
+            f"blocks' lr {lr:g}": {"backbone_lr": lr} for lr in backbone_lrs}
         for seed in seeds:
             for split_seed in (0, 1):
                 f, _, labels, held, fit = validation_split(split_seed, spec, views=False)
