@@ -62,8 +62,9 @@ flipped image; a second teacher trained on the student's tuned block features, a
 ``--student-settings`` (issue 14's ninth pass, both splits, ``--seeds``): UHGA's head distilled by
 students that differ from the shared student defaults in the blocks' learning rate (3e-4, 1e-3, 3e-3
 against 1e-4), 10 epochs or tuning from block 5, each from the same head. With ``--methods lagnh nrdh
-ucsh`` (the tenth pass): each of those defaults' heads distilled at the shared defaults and at UHGA's
-blocks' learning rate, 1e-3. Measured numbers are in bench/README.md.
+ucsh`` (the tenth pass): each of those defaults' heads distilled with the blocks at lr 1e-4 and 1e-3
+(``--backbone-lrs`` picks others); ``--train-images 1000`` trains heads and students on a seeded 1,000
+of the 4,000 rows, as a small collection would. Measured numbers are in bench/README.md.
 
 ``--teachers`` (issue 14's seventh pass, both splits): several teachers for one student. UHGA's head at
 training seeds 0–4, each with how well its sign codes keep the calibrated target it trained on (whether
