@@ -256,7 +256,8 @@ def main(argv=None) -> int:
 
     print(f"{len(queries)} queries, {len(train)} training, {len(database)} database images", flush=True)
     e2e_rows = database[:QUICK_E2E_IMAGES] if args.quick else database
-    commit = machine_info()["git_commit"]
+    machine = machine_info()
+    commit, cpu = machine["git_commit"], machine["cpu"]
 
     results, stem = [], None
     for bits in args.bits:
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
             row = measure(source, (queries, train, database), cache, spec, method, bits, params, mode=args.mode,
                           seed=args.seed, workers=args.workers,
                           e2e_rows=e2e_rows if bits == args.e2e_bits and not args.no_e2e else None)
-            row.update({"label": args.label, "capped": capped, "commit": commit})
+            row.update({"label": args.label, "capped": capped, "commit": commit, "cpu": cpu})
             results.append(row)
             stem = write_results(results, args, argv, wall, spec)  # after every row: an interrupted run keeps its rows
             print(row_summary(row), flush=True)
@@ -307,8 +308,8 @@ def write_results(results: list[dict], args, argv, wall: float, spec) -> str:
         json.dump(record, f, indent=1)
     table = markdown_table(merged)
     with open(stem + ".md", "w") as f:
-        f.write(f"python bench/compare.py runs on {record['machine']['cpu']}, {record['machine']['cores']} cores, "
-                f"{args.image_size} px (commands in the JSON; each row's commit in the last column). "
+        f.write(f"python bench/compare.py runs, {record['machine']['cores']} cores, {args.image_size} px (commands "
+                f"in the JSON; each row's CPU and commit in the last columns: times compare within one CPU). "
                 f"'capped': epochs cut below the profile's schedule (BENCH_EPOCHS); finetune rows: "
                 f"{FINETUNE_EPOCHS} epochs with the backbone training, codes encoded from images.\n\n" + table)
     plots(merged, stem, args)
@@ -317,8 +318,8 @@ def write_results(results: list[dict], args, argv, wall: float, spec) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     lines = ["| method | profile | epochs | bits | mAP@all | mAP@1000 | P@r≤2 | train s | train MB | "
-             "encode 69k s (features) | encode s (images, Dask) | img/s | worker MB | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "encode 69k s (features) | encode s (images, Dask) | img/s | worker MB | CPU | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         e2e = r.get("end_to_end")
         e2e_cells = (f"{e2e['seconds']:.0f} ({e2e['images']:,} img) | {e2e['images_per_second']:.0f} | "
@@ -328,8 +329,16 @@ def markdown_table(results: list[dict]) -> str:
         lines.append(f"| {row_name(r)} | {r['profile']} | {epochs} | {r['bits']} | {r['map@all']:.4f} | "
                      f"{r['map@1000']:.4f} | {r['precision@r2']:.4f} | {r['train_seconds']:.1f} | "
                      f"{r['train_peak_rss_added_mb']:.0f} | {'–' if encode is None else f'{encode:.2f}'} | {e2e_cells} | "
-                     f"{_short_commit(r.get('commit'))} |")
+                     f"{_short_cpu(r.get('cpu'))} | {_short_commit(r.get('commit'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _short_cpu(cpu: str | None) -> str:
+    """``AMD EPYC``, ``Intel Xeon``: the maker and family of a /proc/cpuinfo model name."""
+    if not cpu:
+        return "?"
+    words = [w for w in cpu.replace("(R)", "").replace("(TM)", "").split() if w not in ("Processor", "CPU")]
+    return " ".join(words[:2])
 
 
 def _short_commit(commit: str | None) -> str:
