@@ -26,6 +26,14 @@ class AugmentError(HashindexError):
     """A bad augmentation parameter; the message names it."""
 
 
+def mirror(pixels):
+    """The horizontal mirror image of each image of a batch of decoded pixels (``[n, H, W, 3]``, or a
+    list of ``[H, W, 3]`` arrays of varying size), in the same format."""
+    if isinstance(pixels, np.ndarray):
+        return np.ascontiguousarray(pixels[:, :, ::-1])
+    return [np.ascontiguousarray(image[:, ::-1]) for image in pixels]
+
+
 @dataclass(frozen=True)
 class Augment:
     """Random resized crop, then a small rotation and shift, then a horizontal flip (each image and

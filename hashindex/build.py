@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from . import store
-from .augment import Augment, AugmentError, check_seed, check_views
+from .augment import Augment, AugmentError, check_seed, check_views, mirror
 from .backbones import BackboneSpec, feature_dim, load_backbone, resolve_spec
 from .encoder import Encoder
 from .methods import METHODS, MethodError, create_method
@@ -234,11 +234,18 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
                              scheduler=scheduler, n_workers=n_workers)
         fit_args["views"] = views.views[rows].astype(np.float32)
     pixels = functools.partial(_training_pixels, src, rows)
+    x_fit = x
+    if hasher.mirror_average:
+        if mode != "head":
+            raise MethodError(f"{method}: mirror_average averages frozen features; finetune mode trains the backbone")
+        # each training image as the mean of its and its mirror image's features: a clothing class
+        # has no left or right, so the average keeps the class and halves what the pose adds
+        x_fit = (x + mirror_features(pixels, len(rows), spec)) / 2
     if mode == "finetune":
         tuned = load_backbone(spec, device=training_device())
         fit_args.update(images=pixels, backbone=tuned)
     started = time.perf_counter()
-    head = hasher.fit(x, y, **fit_args)
+    head = hasher.fit(x_fit, y, **fit_args)
     seconds = time.perf_counter() - started
     training = {"source": src.describe(), "source_fingerprint": src.fingerprint(), "images": int(len(x)),
                 "mode": mode, "params": hasher.params(), "fit_seconds": round(seconds, 3),
@@ -246,7 +253,7 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
     if hasher.student:
         # the head just trained teaches its codes to the backbone's upper blocks and a new head
         with torch.no_grad():
-            teacher_bits = head(torch.from_numpy(x)) >= 0
+            teacher_bits = head(torch.from_numpy(x_fit)) >= 0
         tuned = load_backbone(spec, device=training_device())
         started = time.perf_counter()
         head = distil(teacher_bits, x, pixels, tuned, **hasher.student, seed=seed)
@@ -258,6 +265,18 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
     if len(held_out):
         training["validation"] = _validation_scores(encoder, src, features, rows, held_out)
     return encoder
+
+
+def mirror_features(pixels, n: int, spec: BackboneSpec, batch_rows: int = 1024) -> np.ndarray:
+    """The frozen network's features of the mirror image of each of ``n`` training images
+    (``pixels``: a callable from row positions to decoded pixels), read and computed a batch at a time."""
+    backbone = load_backbone(spec, device=training_device())
+    out = np.empty((n, feature_dim(spec)), np.float32)
+    for start in range(0, n, batch_rows):
+        positions = np.arange(start, min(n, start + batch_rows))
+        with torch.no_grad():
+            out[positions] = backbone.features(mirror(pixels(positions)))
+    return out
 
 
 def _training_pixels(src: Source, rows: np.ndarray, positions: np.ndarray):

@@ -37,6 +37,15 @@ def create_method(name: str, bits: int, **params) -> "HashMethod":
     return METHODS[name](bits=bits, **params)
 
 
+def check_switch(name: str, value, method: str) -> bool:
+    """A true/false setting as a bool, or a :class:`MethodError` naming it (None counts as false)."""
+    if value is None:
+        return False
+    if not isinstance(value, (bool, np.bool_)):
+        raise MethodError(f"{method}: {name} must be true or false, got {value!r}")
+    return bool(value)
+
+
 def check_feature_blocks(blocks, method: str) -> tuple[int, ...] | None:
     """``feature_blocks`` as a tuple, or a :class:`MethodError`: the backbone blocks whose pooled
     outputs a method trains and encodes on (:class:`~hashindex.backbones.BackboneSpec` ``blocks``;
@@ -83,6 +92,10 @@ class HashMethod:
         Train and encode on the pooled outputs of these backbone blocks, concatenated, instead of the
         pooled head (:class:`~hashindex.backbones.BackboneSpec` ``blocks``; :func:`hashindex.build.method_backbone`
         puts them in the spec the features are computed with). None by default.
+    mirror_average : bool, default False
+        Train on the mean of each training image's features and its mirror image's (head mode;
+        :func:`hashindex.build.train_encoder` computes the mirror's). Encoding is unchanged: an image
+        is encoded from its own features (or, with a student, its pixels).
     """
 
     name: ClassVar[str] = "base"
@@ -94,10 +107,12 @@ class HashMethod:
     # settings of the student stage that distils the codes into the backbone (student.py; deep
     # methods' ``student`` parameter); None: the encoder is the trained head on frozen features
     student: dict | None = None
+    mirror_average: bool = False
 
     def __init__(self, bits: int, *, seed: int = 0, neighbourhood: bool | dict | None = None,
-                 feature_blocks: list[int] | None = None):
+                 feature_blocks: list[int] | None = None, mirror_average: bool = False):
         self.bits, self.seed = int(bits), int(seed)
+        self.mirror_average = check_switch("mirror_average", mirror_average, self.name)
         self.neighbourhood = neighbourhood
         from .neighbourhood import neighbourhood_params  # (neighbourhood.py imports MethodError from here)
         neighbourhood_params(neighbourhood)  # a bad spec fails here, before any feature is computed
@@ -164,6 +179,8 @@ class HashMethod:
             params["neighbourhood"] = self.neighbourhood
         if self.feature_blocks is not None:
             params["feature_blocks"] = list(self.feature_blocks)
+        if self.mirror_average:
+            params["mirror_average"] = True
         return params
 
     def training_arrays(self) -> dict[str, np.ndarray]:

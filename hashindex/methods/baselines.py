@@ -37,8 +37,9 @@ class ITQ(HashMethod):
     n_iter : int, default 50
     """
 
-    def __init__(self, bits, *, seed=0, n_iter: int = 50, neighbourhood=None, feature_blocks=None):
-        super().__init__(bits, seed=seed, neighbourhood=neighbourhood, feature_blocks=feature_blocks)
+    def __init__(self, bits, *, seed=0, n_iter: int = 50, neighbourhood=None, feature_blocks=None, mirror_average=False):
+        super().__init__(bits, seed=seed, neighbourhood=neighbourhood, feature_blocks=feature_blocks,
+                         mirror_average=mirror_average)
         self.n_iter = int(n_iter)
 
     def _fit(self, features, labels):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .base import HashMethod, MethodError, check_feature_blocks
+from .base import HashMethod, MethodError, check_feature_blocks, check_switch
 from .neighbourhood import neighbourhood_params
 from .student import student_params
 from .targets import bit_balance, make_target, pair_agreement, view_contrast
@@ -37,7 +37,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 # parameters every deep method reads, whether or not its profiles set them
 GENERIC_PARAMS = {"epochs", "lr", "batch_size", "weight_decay", "loss_weights", "backbone_lr_factor", "similarity",
-                  "neighbourhood", "view_count", "view_temperature", "feature_blocks", "student"}
+                  "neighbourhood", "view_count", "view_temperature", "feature_blocks", "student",
+                  "mirror_average"}
 # loss terms every deep method offers on top of its paper's (targets.py); off unless a profile weights them
 SHARED_TERMS = ("balance", "pairs", "views")
 # the views term's defaults: views cached per training image, NT-Xent temperature (CIBHash's)
@@ -112,6 +113,7 @@ class DeepHashMethod(HashMethod):
         neighbourhood_params(self.neighbourhood)
         self.feature_blocks = check_feature_blocks(merged.get("feature_blocks"), self.name)
         self.student = student_params(merged.get("student"))
+        self.mirror_average = check_switch("mirror_average", merged.get("mirror_average"), self.name)
 
     @classmethod
     def finetune_profile(cls) -> str:
