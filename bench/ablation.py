@@ -1,10 +1,10 @@
 """Each component of a method's default profile switched off in turn, on compare.py's protocol: where
 the default's gain over ITQ comes from (issue 14's ablation), in one run with ITQ beside it.
 
-The components are the shared ones the default profile switches on (the student, feature blocks, the
-neighbourhood embedding, the calibrated similarity target, the shared loss terms), plus the method's
-own in ``OWN_COMPONENTS``. Each row trains the default with that one component off, on the protocol's
-5,000 training images, and scores the 1,000 queries against the 69,000-image database (an encoder
+The components are the shared ones the default profile switches on (the student, the mirror average,
+feature blocks, the neighbourhood embedding, the calibrated similarity target, the shared loss
+terms), plus the method's own in ``OWN_COMPONENTS``. Each row trains the default with that one
+component off, on the protocol's 5,000 training images, and scores the 1,000 queries against the 69,000-image database (an encoder
 with a tuned backbone encodes the database from images through Dask, as compare.py does). ITQ runs
 on the pooled head, the protocol's features, and on the method's feature blocks when it has them.
 
@@ -42,6 +42,8 @@ def components(hasher: DeepHashMethod) -> dict[str, dict]:
     off = {}
     if hasher.student:
         off["student"] = {"student": False}
+    if hasher.mirror_average:
+        off["mirror average"] = {"mirror_average": False}
     if hasher.feature_blocks is not None:
         off["feature blocks"] = {"feature_blocks": None}
     if hasher.neighbourhood:
