@@ -73,6 +73,10 @@ codes); the student's and its teacher's codes summed at encoding; IMH + ITQ on P
 second, different teacher, its consensus with the head, and students of both. ``--teachers-protocol``
 then checks the consensus student against the default on the protocol (training seeds 0–2).
 
+``--mirror-average`` (issue 14's eleventh pass, both splits, ``--methods``, ``--seeds``): each method's
+default with and without ``mirror_average``, its head trained on the mean of each training image's
+features and its mirror image's, the student included; both trained by ``train_encoder``.
+
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among
 the held-out images (both unseen, as the protocol's database mostly is) and among the training rows.
@@ -82,6 +86,7 @@ the held-out images (both unseen, as the protocol's database mostly is) and amon
     python bench/validation_probes.py --student --methods nrdh ucsh lagnh --seeds 0 1
     python bench/validation_probes.py --student-settings --seeds 0 1
     python bench/validation_probes.py --student-settings --methods lagnh nrdh ucsh --seeds 0 1 [--backbone-lrs 3e-4] [--train-images 1000]
+    python bench/validation_probes.py --mirror-average --methods uhga nrdh ucsh --seeds 0 1
     python bench/validation_probes.py --teachers-protocol  # the protocol's queries: a check, never a choice
 """
 from __future__ import annotations
@@ -140,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-images", type=int, help="--student-settings: train on a seeded sample of this "
                         "many of the 4,000 training rows (held-out rows unchanged)")
     parser.add_argument("--teachers", action="store_true", help="several teachers for one student (both splits)")
+    parser.add_argument("--mirror-average", action="store_true", help="each method's default with and without "
+                        "mirror_average (both splits, --methods, --seeds)")
     parser.add_argument("--teachers-protocol", action="store_true", help="the consensus student against the default "
                         "on the protocol (training seeds 0, 1, 2)")
     args = parser.parse_args(argv)
@@ -149,6 +156,8 @@ def main(argv=None) -> int:
         return teachers_protocol()
     if args.student:
         return student(args.methods, args.seeds)
+    if args.mirror_average:
+        return mirror_average(args.methods, args.seeds)
     if args.student_variants:
         return student_variants()
     if args.student_settings:
@@ -482,6 +491,20 @@ def fourth_pass(args) -> int:
 def student(methods=("uhga",), seeds=(0, 1)) -> int:
     """--student: each method's frozen-feature head (its default profile, ``student`` off) against its
     student (the default student settings), both trained by ``train_encoder`` on the same 4,000 rows."""
+    return default_variants(methods, seeds, {"head": {"student": False}, "student": {"student": True}})
+
+
+def mirror_average(methods=("uhga",), seeds=(0, 1)) -> int:
+    """--mirror-average (issue 14's eleventh pass): each method's default with and without
+    ``mirror_average`` (training on the mean of each training image's features and its mirror's),
+    student included, both trained by ``train_encoder`` on the same 4,000 rows."""
+    return default_variants(methods, seeds, {"without": {"mirror_average": False}, "with": {"mirror_average": True}})
+
+
+def default_variants(methods, seeds, variants: dict[str, dict]) -> int:
+    """Each method's default profile with each of ``variants`` (params over it), trained by
+    ``train_encoder`` on the 4,000 rows of both splits at each training seed; prints the held-out
+    images' mAP among themselves (an encoder with a student encodes them from pixels)."""
     from hashindex.build import FeatureSet, method_backbone
 
     source = hashindex.open_source("fashion-mnist")
@@ -495,7 +518,7 @@ def student(methods=("uhga",), seeds=(0, 1)) -> int:
             held_pixels = source.read(train[held]).pixels
             for seed in seeds:
                 scores = {}
-                for name, params in {"head": {"student": False}, "student": {"student": True}}.items():
+                for name, params in variants.items():
                     encoder = hashindex.train_encoder(source.subset(train[fit_rows]), method, 32, features=fit_set,
                                                       params=params, seed=seed)
                     codes = encoder.encode_pixels(held_pixels) if encoder.finetuned else encoder.encode_features(f[held])
