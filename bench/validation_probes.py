@@ -75,7 +75,7 @@ then checks the consensus student against the default on the protocol (training 
 
 ``--mirror-average`` (issue 14's eleventh pass, both splits, ``--methods``, ``--seeds``): each method's
 default with and without ``mirror_average``, its head trained on the mean of each training image's
-features and its mirror image's, the student included; both trained by ``train_encoder``.
+features and its mirror image's, the student included; both trained by ``train_encoder``, at ``--bits``.
 
 ``--dpfah``: instead, DPFAH's default profile on its own (SimAM) features, with and without the 8
 augmented views of each training image as extra labelled samples; scored as held-out queries among
@@ -86,7 +86,7 @@ the held-out images (both unseen, as the protocol's database mostly is) and amon
     python bench/validation_probes.py --student --methods nrdh ucsh lagnh --seeds 0 1
     python bench/validation_probes.py --student-settings --seeds 0 1
     python bench/validation_probes.py --student-settings --methods lagnh nrdh ucsh --seeds 0 1 [--backbone-lrs 3e-4] [--train-images 1000]
-    python bench/validation_probes.py --mirror-average --methods uhga nrdh ucsh --seeds 0 1
+    python bench/validation_probes.py --mirror-average --methods uhga nrdh ucsh --seeds 0 1 [--bits 16]
     python bench/validation_probes.py --teachers-protocol  # the protocol's queries: a check, never a choice
 """
 from __future__ import annotations
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--teachers", action="store_true", help="several teachers for one student (both splits)")
     parser.add_argument("--mirror-average", action="store_true", help="each method's default with and without "
                         "mirror_average (both splits, --methods, --seeds)")
+    parser.add_argument("--bits", type=int, default=32, help="--mirror-average: the code length (default 32)")
     parser.add_argument("--teachers-protocol", action="store_true", help="the consensus student against the default "
                         "on the protocol (training seeds 0, 1, 2)")
     args = parser.parse_args(argv)
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     if args.student:
         return student(args.methods, args.seeds)
     if args.mirror_average:
-        return mirror_average(args.methods, args.seeds)
+        return mirror_average(args.methods, args.seeds, args.bits)
     if args.student_variants:
         return student_variants()
     if args.student_settings:
@@ -494,14 +495,15 @@ def student(methods=("uhga",), seeds=(0, 1)) -> int:
     return default_variants(methods, seeds, {"head": {"student": False}, "student": {"student": True}})
 
 
-def mirror_average(methods=("uhga",), seeds=(0, 1)) -> int:
+def mirror_average(methods=("uhga",), seeds=(0, 1), bits: int = 32) -> int:
     """--mirror-average (issue 14's eleventh pass): each method's default with and without
     ``mirror_average`` (training on the mean of each training image's features and its mirror's),
     student included, both trained by ``train_encoder`` on the same 4,000 rows."""
-    return default_variants(methods, seeds, {"without": {"mirror_average": False}, "with": {"mirror_average": True}})
+    return default_variants(methods, seeds, {"without": {"mirror_average": False}, "with": {"mirror_average": True}},
+                            bits)
 
 
-def default_variants(methods, seeds, variants: dict[str, dict]) -> int:
+def default_variants(methods, seeds, variants: dict[str, dict], bits: int = 32) -> int:
     """Each method's default profile with each of ``variants`` (params over it), trained by
     ``train_encoder`` on the 4,000 rows of both splits at each training seed; prints the held-out
     images' mAP among themselves (an encoder with a student encodes them from pixels)."""
@@ -519,12 +521,12 @@ def default_variants(methods, seeds, variants: dict[str, dict]) -> int:
             for seed in seeds:
                 scores = {}
                 for name, params in variants.items():
-                    encoder = hashindex.train_encoder(source.subset(train[fit_rows]), method, 32, features=fit_set,
+                    encoder = hashindex.train_encoder(source.subset(train[fit_rows]), method, bits, features=fit_set,
                                                       params=params, seed=seed)
                     codes = encoder.encode_pixels(held_pixels) if encoder.finetuned else encoder.encode_features(f[held])
                     scores[name] = round(evaluate(codes, codes, labels[held], labels[held], topks=(None,))["map@all"], 4)
                     scores[f"{name} train s"] = round(encoder.training["fit_seconds"])
-                print(f"{method}, split {split_seed}, training seed {seed}: {scores}", flush=True)
+                print(f"{method}, {bits} bits, split {split_seed}, training seed {seed}: {scores}", flush=True)
     return 0
 
 
