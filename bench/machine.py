@@ -22,8 +22,10 @@ def git_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        # results written by earlier runs are not the code being measured: a dirty bench/results
+        # does not mark the commit
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)bench/results"], cwd=here, capture_output=True, text=True).stdout.strip()
         return commit + ("+uncommitted" if dirty else "") if commit else "unknown"
     except OSError:
         return "unknown"
