@@ -238,8 +238,9 @@ def train_encoder(source, method: str = "itq", bits: int = 32, *, backbone: Back
     if hasher.mirror_average:
         if mode != "head":
             raise MethodError(f"{method}: mirror_average averages frozen features; finetune mode trains the backbone")
-        # each training image as the mean of its and its mirror image's features: a clothing class
-        # has no left or right, so the average keeps the class and halves what the pose adds
+        # each training image as the mean of its and its mirror image's features: where a mirrored
+        # image is the same class (clothing, most photos; not text or digits), the average keeps
+        # the class and damps what the pose adds
         x_fit = (x + mirror_features(pixels, len(rows), spec)) / 2
     if mode == "finetune":
         tuned = load_backbone(spec, device=training_device())

@@ -95,7 +95,8 @@ class HashMethod:
     mirror_average : bool, default False
         Train on the mean of each training image's features and its mirror image's (head mode;
         :func:`hashindex.build.train_encoder` computes the mirror's). Encoding is unchanged: an image
-        is encoded from its own features (or, with a student, its pixels).
+        is encoded from its own features (or, with a student, its pixels). For images whose
+        mirror is the same class (not text or digits).
     """
 
     name: ClassVar[str] = "base"
