@@ -4,9 +4,10 @@ the default's gain over ITQ comes from (issue 14's ablation), in one run with IT
 The components are the shared ones the default profile switches on (the student, the mirror average,
 feature blocks, the neighbourhood embedding, the calibrated similarity target, the shared loss
 terms), plus the method's own in ``OWN_COMPONENTS``. Each row trains the default with that one
-component off, on the protocol's 5,000 training images, and scores the 1,000 queries against the 69,000-image database (an encoder
-with a tuned backbone encodes the database from images through Dask, as compare.py does). ITQ runs
-on the pooled head, the protocol's features, and on the method's feature blocks when it has them.
+component off, on the protocol's 5,000 training images, and scores the 1,000 queries against the
+69,000-image database (an encoder with a tuned backbone encodes the database from images through
+Dask, as compare.py does). ITQ runs on the pooled head, the protocol's features, and on the
+method's feature blocks when it has them.
 
     python bench/ablation.py                            # UHGA, the best unsupervised default, 32 bits
     python bench/ablation.py --method nrdh --bits 16 --seed 1
