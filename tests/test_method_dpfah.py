@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import held_out_map
+from conftest import assert_head_round_trip, held_out_map
 from hashindex.backbones import BackboneSpec, create_backbone
 from hashindex.build import FeatureSet, cached_features, method_backbone, train_encoder
 from hashindex.encoder import Encoder
@@ -136,16 +136,7 @@ def test_trains_and_beats_baselines(trained, fmnist_features):
 
 
 def test_encoder_round_trip_and_batch_independence(trained, fmnist_features):
-    _, head = trained
-    q = fmnist_features["query"]
-    enc = Encoder(method="dpfah", bits=32, backbone=BackboneSpec(), head=head)
-    loaded = Encoder.from_bytes(enc.to_bytes())
-    codes = enc.encode_features(q)
-    assert codes.shape == (len(q), 4)
-    np.testing.assert_array_equal(loaded.encode_features(q), codes)
-    assert loaded.id == enc.id
-    alone = np.concatenate([enc.encode_features(q[i:i + 1]) for i in range(len(q))])
-    np.testing.assert_array_equal(alone, codes)
+    assert_head_round_trip("dpfah", trained[1], fmnist_features["query"])
 
 
 def test_same_seed_same_codes_and_loss_switch(fmnist_features):

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import held_out_map
+from conftest import assert_head_round_trip, held_out_map
 from hashindex.backbones import BackboneSpec
-from hashindex.encoder import Encoder
 from hashindex.methods import create_method
 from hashindex.methods.targets import Cosine
 from hashindex.methods.uhga import distance_statistics
@@ -30,15 +29,7 @@ def test_loss_goes_down_and_beats_lsh(trained, fmnist_features):
 
 
 def test_encoder_round_trip_and_batch_independence(trained, fmnist_features):
-    _, head = trained
-    encoder = Encoder(method="uhga", bits=32, backbone=BackboneSpec(), head=head)
-    loaded = Encoder.from_bytes(encoder.to_bytes())
-    queries = fmnist_features["query"]
-    codes = encoder.encode_features(queries)
-    assert codes.shape == (len(queries), 4)
-    np.testing.assert_array_equal(loaded.encode_features(queries), codes)
-    alone = np.concatenate([encoder.encode_features(queries[i:i + 1]) for i in range(len(queries))])
-    np.testing.assert_array_equal(alone, codes)
+    assert_head_round_trip("uhga", trained[1], fmnist_features["query"])
 
 
 def test_similarity_thresholds_exclude_the_diagonal():
