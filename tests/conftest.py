@@ -67,7 +67,6 @@ def held_out_map(head, data) -> float:
     return metrics.mean_average_precision(query, train, data["query_labels"], data["train_labels"])
 
 
-
 def assert_head_round_trip(method: str, head, queries: np.ndarray) -> None:
     """A trained head in an encoder file: the loaded encoder gives the same 32-bit codes and id, and
     each query encoded alone gets the code it gets in the batch."""
@@ -81,6 +80,7 @@ def assert_head_round_trip(method: str, head, queries: np.ndarray) -> None:
     assert loaded.id == encoder.id
     alone = np.concatenate([encoder.encode_features(queries[i:i + 1]) for i in range(len(queries))])
     np.testing.assert_array_equal(alone, codes)
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
