@@ -349,7 +349,8 @@ def _short_commit(commit: str | None) -> str:
 def plots(results: list[dict], stem: str, args) -> None:
     size = f"{args.image_size} px"
     for bits in sorted({r["bits"] for r in results}):
-        at = [r for r in results if r["bits"] == bits]
+        # rows of other training seeds repeat a variant: the table holds them, the curves would only crowd
+        at = [r for r in results if r["bits"] == bits and not r.get("seed")]
         plot_pr_curves({row_name(r): r["pr"] for r in at}, f"{stem}_pr_{bits}bits.png",
                        title=f"PR over Hamming radius, {bits} bits, {size}")
         plot_precision_at_n({row_name(r): r["precision@n"] for r in at}, f"{stem}_pn_{bits}bits.png",

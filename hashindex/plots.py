@@ -32,6 +32,28 @@ def _axes(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
+# beyond this many series the legend would cover the curves: it moves to the right of the axes
+LEGEND_INSIDE_MAX = 8
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def _line_style(i: int) -> dict:
+    """Series ``i``'s colour and dash: the 10 default colours, then the same colours dashed, dotted…"""
+    return {"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)]}
+
+
+def _legend(fig: Figure, ax, count: int) -> None:
+    """A legend inside the axes for a few series; for many, beside them, the figure widened to hold it."""
+    if count == 0:
+        return
+    if count <= LEGEND_INSIDE_MAX:
+        ax.legend()
+        return
+    columns = -(-count // 24)
+    fig.set_figwidth(fig.get_figwidth() + 2.6 * columns)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small", ncol=columns)
+
+
 def plot_pr_curves(curves: dict, path, title: str = "Precision-recall (Hamming radius)") -> Path:
     """Plot precision against recall for several methods.
 
@@ -51,11 +73,10 @@ def plot_pr_curves(curves: dict, path, title: str = "Precision-recall (Hamming r
         The written file.
     """
     fig, ax = _axes(title, "recall", "precision")
-    for label, pr in curves.items():
-        ax.plot(np.asarray(pr["recall"]), np.asarray(pr["precision"]), marker=".", label=str(label))
+    for i, (label, pr) in enumerate(curves.items()):
+        ax.plot(np.asarray(pr["recall"]), np.asarray(pr["precision"]), marker=".", label=str(label), **_line_style(i))
     ax.set(xlim=(0, 1.02), ylim=(0, 1.02))
-    if curves:
-        ax.legend()
+    _legend(fig, ax, len(curves))
     return _save(fig, path)
 
 
@@ -78,13 +99,12 @@ def plot_precision_at_n(curves: dict, path, title: str = "Precision@N") -> Path:
         The written file.
     """
     fig, ax = _axes(title, "N (top returned)", "precision")
-    for label, values in curves.items():
+    for i, (label, values) in enumerate(curves.items()):
         ns = sorted(values, key=int)
-        ax.plot([int(n) for n in ns], [values[n] for n in ns], marker="o", label=str(label))
+        ax.plot([int(n) for n in ns], [values[n] for n in ns], marker="o", label=str(label), **_line_style(i))
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
-    if curves:
-        ax.legend()
+    _legend(fig, ax, len(curves))
     return _save(fig, path)
 
 
@@ -132,9 +152,9 @@ def plot_lines(series: dict, path, title: str, xlabel: str, ylabel: str, *, logy
         Logarithmic axes (for times or counts spanning orders of magnitude).
     """
     fig, ax = _axes(title, xlabel, ylabel)
-    for label, points in series.items():
+    for i, (label, points) in enumerate(series.items()):
         xs = sorted(points, key=float)
-        ax.plot([float(x) for x in xs], [points[x] for x in xs], marker="o", label=str(label))
+        ax.plot([float(x) for x in xs], [points[x] for x in xs], marker="o", label=str(label), **_line_style(i))
     xs = sorted({float(x) for points in series.values() for x in points})
     if logx:
         ax.set_xscale("log")
@@ -144,8 +164,7 @@ def plot_lines(series: dict, path, title: str, xlabel: str, ylabel: str, *, logy
             ax.xaxis.set_minor_locator(NullLocator())
     if logy:
         ax.set_yscale("log")
-    if series:
-        ax.legend()
+    _legend(fig, ax, len(series))
     return _save(fig, path)
 
 

@@ -366,3 +366,16 @@ def test_plots_write_png(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC), path
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_many_curves_get_their_legend_beside_the_axes(tmp_path):
+    # bench/compare.py plots every variant it has measured: past a handful, a legend inside the
+    # axes would hide the curves, so the figure widens and the legend moves beside them
+    curve = {1: 0.9, 10: 0.8, 100: 0.7}
+    few = plot_precision_at_n({f"m{i}": curve for i in range(3)}, tmp_path / "few.png", "P@N")
+    many = plot_precision_at_n({f"m{i}": curve for i in range(30)}, tmp_path / "many.png", "P@N")
+    assert _png_width(many) > _png_width(few) * 1.3
