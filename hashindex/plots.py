@@ -32,8 +32,11 @@ def _axes(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-# beyond this many series the legend would cover the curves: it moves to the right of the axes
+# beyond this many series the legend would cover the curves: it moves to the right of the axes, in
+# columns of LEGEND_COLUMN_ROWS entries, each widening the figure by LEGEND_COLUMN_INCHES
 LEGEND_INSIDE_MAX = 8
+LEGEND_COLUMN_ROWS = 24
+LEGEND_COLUMN_INCHES = 2.6
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -49,8 +52,8 @@ def _legend(fig: Figure, ax, count: int) -> None:
     if count <= LEGEND_INSIDE_MAX:
         ax.legend()
         return
-    columns = -(-count // 24)
-    fig.set_figwidth(fig.get_figwidth() + 2.6 * columns)
+    columns = -(-count // LEGEND_COLUMN_ROWS)
+    fig.set_figwidth(fig.get_figwidth() + LEGEND_COLUMN_INCHES * columns)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small", ncol=columns)
 
 
@@ -181,8 +184,7 @@ def plot_grouped_bars(groups: dict, path, title: str, ylabel: str, *, logy: bool
     ax.set_xticks(range(len(names)), names)
     if logy:
         ax.set_yscale("log")
-    if series:
-        ax.legend()
+    _legend(fig, ax, len(series))
     return _save(fig, path)
 
 
